@@ -1,0 +1,56 @@
+"""Helpers of the data tests: small deterministic corpora and a token-id check of documents."""
+
+import json
+import random
+
+WORDS = "alpha beta gamma delta épsilon ζήτα 東京 🤖 long-context test-time training <|endoftext|>".split()
+
+
+def make_texts(count: int, seed: int, min_words: int = 1, max_words: int = 60) -> list[str]:
+    """`count` distinct texts, each starting with a unique header `doc-<seed>-<i>:`."""
+    rng = random.Random(seed)
+    return [
+        f"doc-{seed}-{i}: "
+        + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+        + ("\n\nsecond paragraph" if i % 3 == 0 else "")
+        for i in range(count)
+    ]
+
+
+def write_jsonl(path, texts, field="text") -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({field: text, "meta": len(text)}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def write_word_tokenizer(path, vocab_size: int) -> str:
+    """A tokenizer.json of `vocab_size` word tokens, the last one "<|endoftext|>" (the EOD)."""
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)} | {
+        "<unk>": vocab_size - 2,
+        "<|endoftext|>": vocab_size - 1,
+    }
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def distributed_rank(rank: int, world: int, init_file: str, cfg, out_dir: str) -> None:
+    """One torch.distributed (gloo) rank: build the datasets, save the first batches of this rank."""
+    import torch
+
+    from ttt_train.data.datasets import build_dataloader, build_datasets
+    from ttt_train.data.tokenizer import load_tokenizer
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        train, _, _ = build_datasets(cfg, load_tokenizer("byte"), num_samples=(24, 2, 2))
+        batches = list(build_dataloader(train, 256, 4, 2, rank, world))
+        torch.save([b["tokens"] for b in batches], f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,181 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from data_helpers import write_word_tokenizer
+from omegaconf import OmegaConf
+
+from data_tools import synthetic, tokenize
+from ttt_train.data.datasets import (
+    DataConfig,
+    MegatronTokenizerAdapter,
+    ResumableBatchSampler,
+    build_dataloader,
+    build_datasets,
+)
+from ttt_train.data.documents import document_ids_from_position_ids, document_ids_from_tokens
+from ttt_train.data.tokenizer import load_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two small synthetic datasets (byte tokenizer)."""
+    root = tmp_path_factory.mktemp("datasets")
+    for name, task, seed in [("a", "passkey", 0), ("b", "variable_tracking", 100)]:
+        args = [
+            task,
+            "--num",
+            "40",
+            "--length",
+            "400",
+            "--seed",
+            str(seed),
+            "--output-prefix",
+            str(root / name),
+        ]
+        assert synthetic.main(args) == 0
+    return root
+
+
+def config(data, tmp_path, **overrides) -> DataConfig:
+    values = {
+        "blend": [str(data / "a")],
+        "seq_length": SEQ,
+        "split": "90,5,5",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    return DataConfig.from_dict({**values, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (lambda a: {"blend": ["/no/such/data"]}, "'blend[0].path': /no/such/data.bin not found"),
+        (lambda a: {"blend": [{"path": a, "weight": 0}]}, "'blend[0].weight'"),
+        (lambda a: {"blend": [{"path": a, "wieght": 1}]}, "'blend[0]'"),
+        (lambda a: {"seq_length": 0}, "'seq_length'"),
+        (lambda a: {"split": "90;10"}, "'split'"),
+        (lambda a: {"tokenizer": "/no/tokenizer"}, "'tokenizer': /no/tokenizer not found"),
+        (lambda a: {"eod_mask_loss": "yes"}, "'eod_mask_loss'"),
+        (lambda a: {"seqlen": 5}, "unknown key(s) seqlen"),
+    ],
+)
+def test_config_errors_name_the_key(data, tmp_path, overrides, message):
+    with pytest.raises(ValueError) as err:
+        config(data, tmp_path, **overrides(str(data / "a")))
+    assert message in str(err.value)
+
+
+def test_yaml_configs(data, tmp_path):
+    tiny = OmegaConf.load(CONFIGS / "synthetic_tiny.yaml")
+    tiny.blend[0].path, tiny.cache_dir = str(data / "a"), str(tmp_path)
+    cfg = DataConfig.from_dict(tiny)
+    assert (cfg.seq_length, cfg.tokenizer, cfg.blend[0].weight) == (512, "byte", 1.0)
+    for name in ("pretrain_example.yaml", "longctx_stage2_example.yaml"):
+        example = OmegaConf.load(CONFIGS / name)
+        with pytest.raises(ValueError, match=r"blend\[0\].path': /data/tokenized/"):
+            DataConfig.from_dict(example)  # placeholder paths are refused, naming the key
+
+
+def test_adapter_is_what_megatron_needs(byte_tokenizer):
+    adapter = MegatronTokenizerAdapter(byte_tokenizer)
+    assert (adapter.vocab_size, adapter.eod, adapter.pad) == (258, 256, 257)
+    assert adapter.tokenize("hi").tolist() == [104, 105] and adapter.detokenize([104, 105]) == "hi"
+    assert adapter.unique_identifiers["fingerprint"] == byte_tokenizer.fingerprint
+
+
+def stream(dataset, consumed, micro, rank=0, world=1, eod=256):
+    return [b for b in build_dataloader(dataset, eod, consumed, micro, rank, world)]
+
+
+def test_build_is_deterministic_and_batches_carry_doc_ids(data, tmp_path, byte_tokenizer):
+    cfg = config(
+        data, tmp_path, blend=[{"path": str(data / "a"), "weight": 1}, {"path": str(data / "b"), "weight": 3}]
+    )
+    train, valid, test = build_datasets(cfg, byte_tokenizer, num_samples=(40, 4, 4))
+    assert len(train) >= 40 and len(valid) >= 4 and len(test) >= 4
+    again, _, _ = build_datasets(
+        dataclasses.replace(cfg, cache_dir=str(tmp_path / "other")), byte_tokenizer, (40, 4, 4)
+    )
+    assert all(torch.equal(train[i]["tokens"], again[i]["tokens"]) for i in range(len(train)))
+    batches = stream(train, 0, 4)
+    assert len(batches) == len(train) // 4
+    batch = batches[0]
+    sources = torch.cat([b["dataset_id"] for b in batches])  # [B] per batch: the blend entry of each sample
+    assert batch.pop("dataset_id").shape == (4,) and (sources == 1).float().mean() == pytest.approx(
+        0.75, abs=0.1
+    )
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "doc_ids"}
+    assert all(v.shape == (4, SEQ) for v in batch.values())
+    assert torch.equal(batch["doc_ids"], document_ids_from_tokens(batch["tokens"], 256))
+    assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+    assert any(b["doc_ids"].max() > 0 for b in batches)  # packed samples do hold several documents
+
+
+def test_resume_and_data_parallel_split(data, tmp_path, byte_tokenizer):
+    train, _, _ = build_datasets(config(data, tmp_path), byte_tokenizer, num_samples=(48, 0, 0))
+    full = stream(train, 0, 2)
+    resumed = stream(train, 12, 2)
+    assert len(resumed) == len(full) - 6
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(resumed, full[6:]))
+    ranks = [list(ResumableBatchSampler(len(train), 12, 2, rank, 3)) for rank in range(3)]
+    for step in zip(*ranks):
+        indices = [i for batch in step for i in batch]
+        assert len(set(indices)) == len(indices) == 6  # disjoint ranks, one global batch per step
+    assert ranks[0][0] == [12, 13] and ranks[2][0] == [16, 17]
+    with pytest.raises(ValueError, match="multiple of"):
+        ResumableBatchSampler(len(train), 7, 2, 0, 2)
+
+
+def test_options_reach_the_samples(data, tmp_path, byte_tokenizer):
+    cfg = config(data, tmp_path, eod_mask_loss=True, reset_position_ids=True)
+    train, _, _ = build_datasets(cfg, byte_tokenizer, num_samples=(8, 0, 0))
+    batch = stream(train, 0, 8)[0]
+    assert torch.equal(batch["loss_mask"] == 0, batch["tokens"] == 256)
+    assert torch.equal(document_ids_from_position_ids(batch["position_ids"]), batch["doc_ids"])
+
+
+def test_refuses_datasets_of_another_tokenizer(data, tmp_path, byte_tokenizer):
+    small = load_tokenizer(write_word_tokenizer(tmp_path / "small.json", 200))
+    with pytest.raises(ValueError, match="token id 256 >= vocab size 200"):
+        build_datasets(config(data, tmp_path), small, (8, 0, 0))
+    large = load_tokenizer(write_word_tokenizer(tmp_path / "large.json", 70000))
+    with pytest.raises(ValueError, match="token dtype uint16 cannot hold"):
+        build_datasets(config(data, tmp_path), large, (8, 0, 0))
+    with pytest.raises(ValueError, match="built with EOD id 256 but tokenizer 'byte' has EOD id 257"):
+        build_datasets(config(data, tmp_path), load_tokenizer("byte", eod_token="<|pad|>"), (8, 0, 0))
+
+    (tmp_path / "x.txt").write_text("no end of document here")
+    assert (
+        tokenize.main(
+            [str(tmp_path / "x.txt"), "--output-prefix", str(tmp_path / "noeod"), "--no-append-eod"]
+        )
+        == 0
+    )
+    with pytest.raises(ValueError, match="not delimited by EOD"):
+        build_datasets(config(data, tmp_path, blend=[str(tmp_path / "noeod")]), byte_tokenizer, (1, 0, 0))
+
+
+def test_distributed_ranks_share_the_cache_and_split_the_stream(data, tmp_path, byte_tokenizer):
+    from data_helpers import distributed_rank
+
+    cfg = config(
+        data, tmp_path, blend=[{"path": str(data / "a"), "weight": 1}, {"path": str(data / "b"), "weight": 1}]
+    )
+    args = (2, str(tmp_path / "init"), cfg, str(tmp_path))
+    torch.multiprocessing.start_processes(distributed_rank, args=args, nprocs=2, start_method="fork")
+    assert any(
+        p.name.endswith("BlendedDataset-train-dataset_index.npy") for p in (tmp_path / "cache").iterdir()
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    train, _, _ = build_datasets(
+        cfg, byte_tokenizer, num_samples=(24, 2, 2)
+    )  # one process, no torch.distributed
+    single = [b["tokens"] for b in stream(train, 4, 4)]
+    assert len(single) == len(ranks[0]) == len(ranks[1])
+    for step, both in zip(single, zip(*ranks)):
+        assert torch.equal(step, torch.cat(both))  # rank 0 then rank 1 make up each global batch

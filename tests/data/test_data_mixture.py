@@ -1,0 +1,123 @@
+from collections import Counter
+
+import numpy
+import pytest
+import torch
+from data_helpers import make_texts, write_jsonl, write_word_tokenizer
+
+from data_tools import mixture, tokenize
+from ttt_train.data import indexed
+from ttt_train.data.datasets import DataConfig, build_datasets
+from ttt_train.data.documents import document_ids_from_tokens
+
+SEQ, MIN = 128, 256
+
+
+def test_plan_fills_long_documents_and_packs_short_ones():
+    rng = numpy.random.default_rng(0)
+    lengths = [rng.integers(300, 700, size=20), rng.integers(5, 120, size=200)]
+    plan = mixture.plan_mixture(lengths, [0.5, 0.5], SEQ, MIN, pack_short=True, num_tokens=None, seed=3)
+    assert plan == mixture.plan_mixture(lengths, [0.5, 0.5], SEQ, MIN, True, None, 3)
+    assert plan.units != mixture.plan_mixture(lengths, [0.5, 0.5], SEQ, MIN, True, None, 4).units
+    sizes = [sum(span[3] for span in unit) for unit in plan.units]
+    assert sum(size % SEQ != 0 for size in sizes) == plan.partial_units
+    # A long document stays whole at the start of its sequence; short ones never exceed their length.
+    covered = Counter()
+    for unit in plan.units:
+        for k, (i, d, offset, length) in enumerate(unit):
+            if lengths[i][d] >= MIN:
+                assert k == 0 and offset == 0 and length == lengths[i][d]
+            assert offset + length <= lengths[i][d]
+            covered[i] += length
+    drawn = [source["tokens"] for source in plan.drawn]
+    assert covered[0] == drawn[0] and covered[1] == drawn[1] - plan.leftover_tokens
+    # Shares follow the weights (within a document), and no source is repeated by default.
+    assert abs(drawn[0] - drawn[1]) < 700 and [s["epochs"] for s in plan.drawn] == [1, 1]
+
+
+def test_plan_weights_repeats_and_drop():
+    lengths = [numpy.full(10, 300), numpy.full(100, 50)]
+    plan = mixture.plan_mixture(lengths, [3, 1], SEQ, MIN, pack_short=True, num_tokens=20000, seed=0)
+    assert [s["epochs"] for s in plan.drawn] == [5, 1]
+    assert plan.drawn[0]["tokens"] == 15000 and plan.drawn[1]["tokens"] == 5000
+    plan = mixture.plan_mixture(lengths[:1], [1], SEQ, MIN, pack_short=False, num_tokens=None, seed=0)
+    assert plan.short_documents == 0 and len(plan.units) == 10 and plan.partial_units == 10
+    with pytest.raises(ValueError, match="data/web has no documents"):
+        mixture.plan_mixture([numpy.full(5, 50)], [1], SEQ, MIN, False, None, 0, names=["data/web"])
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A source of long documents and one of short ones, tokenized with the byte tokenizer."""
+    root = tmp_path_factory.mktemp("mixture")
+    texts = {
+        "long": make_texts(12, seed=2, min_words=40, max_words=90),
+        "short": make_texts(80, seed=3, max_words=15),
+    }
+    for name, docs in texts.items():
+        write_jsonl(root / f"{name}.jsonl", docs)
+        assert tokenize.main([str(root / f"{name}.jsonl"), "--output-prefix", str(root / name)]) == 0
+    return root, texts["long"] + texts["short"]
+
+
+def documents_of(tokens, eod_id):
+    """Split a token row into its documents as (bytes without EOD, ends with EOD): with the byte
+    tokenizer, token ids are the bytes of the UTF-8 text."""
+    ids = document_ids_from_tokens(torch.tensor(tokens), eod_id).numpy()
+    out = []
+    for d in numpy.unique(ids):
+        doc = tokens[ids == d]
+        complete = bool(doc[-1] == eod_id)
+        out.append(((doc[:-1] if complete else doc).astype(numpy.uint8).tobytes(), complete))
+    return out
+
+
+def test_mixture_preserves_document_boundaries(sources, tmp_path, byte_tokenizer):
+    root, texts = sources
+    originals = [text.encode() for text in texts]
+    by_header = {doc.split(b":")[0]: doc for doc in originals}
+    out = tmp_path / "mix"
+    args = ["--source", str(root / "long"), "2", "--source", str(root / "short"), "1"]
+    assert (
+        mixture.main([*args, "--seq-length", str(SEQ), "--min-length", str(MIN), "--output-prefix", str(out)])
+        == 0
+    )
+    meta = indexed.read_sidecar(str(out))
+    dataset = indexed.open_dataset(str(out))
+    long_seen = 0
+    for i in range(len(dataset)):
+        unit = dataset[i]
+        assert unit.size % SEQ == 0 or meta["partial_sequences"]
+        for doc, complete in documents_of(unit, byte_tokenizer.eod_id):
+            if complete and doc.startswith(b"doc-"):  # a whole document
+                assert doc == by_header[doc.split(b":")[0]]
+                long_seen += len(doc) + 1 >= MIN
+            else:  # part of a short document cut at the end of a sequence: its start, middle or end
+                assert any(
+                    (o.endswith(doc) if complete else doc in o) and len(o) + 1 < MIN for o in originals
+                ), doc
+    assert long_seen == meta["long_documents"] == 12 and meta["split_documents"] > 0
+    shares = [s["tokens"] / meta["tokens"] for s in meta["sources"]]
+    assert shares[0] == pytest.approx(2 / 3, abs=0.1)
+
+    # Megatron samples of the mixture: every document segment lies inside one original document.
+    cfg = DataConfig.from_dict(
+        {"blend": [str(out)], "seq_length": SEQ, "split": "1", "cache_dir": str(tmp_path / "c")}
+    )
+    train, _, _ = build_datasets(cfg, byte_tokenizer, num_samples=(16, 0, 0))
+    for k in range(len(train)):
+        for doc, _ in documents_of(train[k]["tokens"].numpy(), byte_tokenizer.eod_id):
+            assert any(doc in original for original in originals)
+
+
+def test_mixture_is_deterministic_and_refuses_a_foreign_tokenizer(sources, tmp_path):
+    root, _ = sources
+    common = ["--source", str(root / "long"), "1", "--source", str(root / "short"), "1", "--seq-length", "64"]
+    common += ["--min-length", "200", "--seed", "5"]
+    assert mixture.main([*common, "--output-prefix", str(tmp_path / "a")]) == 0
+    assert mixture.main([*common, "--output-prefix", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
+    foreign = write_word_tokenizer(tmp_path / "words.json", 200)
+    with pytest.raises(ValueError, match="token id 256 >= vocab size 200"):
+        mixture.main([*common, "--output-prefix", str(tmp_path / "c"), "--tokenizer", foreign])

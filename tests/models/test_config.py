@@ -1,0 +1,56 @@
+"""Model presets load, and bad configuration is refused with the offending key named."""
+
+import pytest
+
+from ttt_train.models import load_model_config, padded_vocab_size
+from ttt_train.models.config import ModelConfig
+from ttt_train.runtime.distributed import ParallelConfig
+
+PRESETS = ["tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "llama3.1_8b",
+           "scratch_500m", "scratch_1.5b"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load(name):
+    cfg = load_model_config(name)
+    assert cfg.name == name
+    assert padded_vocab_size(cfg, 1) >= cfg.vocab_size
+
+
+def test_qwen3_4b_shape():
+    cfg = load_model_config("qwen3_4b")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
+            cfg.num_query_groups, cfg.kv_channels, cfg.tie_embeddings) == (36, 2560, 9728, 32, 8, 128, True)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(num_layers=0), "model.num_layers"),
+    (dict(num_query_groups=3), "model.num_query_groups"),
+    (dict(sliding_window=-1), "model.sliding_window"),
+    (dict(backend="cuda"), "model.backend"),
+    (dict(hidden_size=65, head_dim=None), "model.head_dim"),
+])
+def test_bad_model_config_names_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_model_config("tiny", **overrides)
+
+
+def test_unknown_key_and_preset():
+    with pytest.raises(ValueError, match="unknown model config keys.*hiden_size"):
+        ModelConfig.from_dict({"hiden_size": 3})
+    with pytest.raises(FileNotFoundError, match="no model preset 'qwen9'.*tiny"):
+        load_model_config("qwen9")
+
+
+def test_parallel_layout_must_divide_world():
+    assert ParallelConfig(tp=2).validate(4) == 2
+    with pytest.raises(ValueError, match="world size 6 is not divisible.*tp \\* parallel.pp"):
+        ParallelConfig(tp=2, pp=2).validate(6)
+    with pytest.raises(ValueError, match="parallel.cp must be a positive integer"):
+        ParallelConfig(cp=0).validate(1)
+
+
+def test_vocab_padding_must_divide_tp():
+    cfg = load_model_config("tiny", make_vocab_size_divisible_by=3)
+    with pytest.raises(ValueError, match="does not divide over tp=2"):
+        padded_vocab_size(cfg, 2)

@@ -1,0 +1,47 @@
+"""The tiny Qwen3-shaped model trains on CPU with megatron DDP + optimizer, recompute, YaRN, checkpoints."""
+
+import pytest
+
+from tests.support import scenarios
+from ttt_train.runtime.local_ranks import run_local_ranks
+
+
+def test_loss_decreases_single_rank():
+    (losses,) = run_local_ranks(scenarios.train_losses, 1, {}, 12, timeout=300)
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_loss_decreases_tp2_sp_distributed_optimizer_bf16():
+    per_rank = run_local_ranks(scenarios.train_losses, 2, dict(tp=2, sequence_parallel=True), 12, True, "bf16",
+                               timeout=300)
+    assert per_rank[0] == per_rank[1]
+    assert per_rank[0][-1] < 0.8 * per_rank[0][0], per_rank[0]
+
+
+@pytest.mark.slow
+def test_data_parallel_distributed_optimizer_matches_single_rank():
+    (single,) = run_local_ranks(scenarios.train_losses, 1, {}, 4, timeout=300)
+    dp2 = run_local_ranks(scenarios.train_losses, 2, {}, 4, True, timeout=300)
+    for a, b in zip(single, dp2[0]):
+        assert abs(a - b) < 1e-5 * abs(a)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_gives_same_losses(recompute):
+    (plain,) = run_local_ranks(scenarios.train_losses, 1, {}, 3, timeout=300)
+    (recomputed,) = run_local_ranks(scenarios.train_losses, 1, {}, 3, False, "fp32", recompute, timeout=300)
+    assert recomputed == pytest.approx(plain, rel=1e-6)
+
+
+def test_yarn_runs_past_original_context():
+    (result,) = run_local_ranks(scenarios.yarn_forward, 1, 128, timeout=300)
+    assert result["rotary"] == "YarnRotaryEmbedding" and result["finite"]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    (result,) = run_local_ranks(scenarios.crash_during_save, 1, str(tmp_path), timeout=300)
+    assert "injected" in result["error"]
+    assert result["latest"] == "iter_0000001"
+    assert result["meta"] == {"step": 1, "metadata": {"note": "good"}}
+    assert not (tmp_path / "iter_0000002").exists()

@@ -1,0 +1,108 @@
+"""Run the same model and batch under several parallel layouts inside one local process group.
+
+Every layout of a case runs in the same N ranks, one after another: the first layout builds the
+model from a seed and saves a dist_checkpoint, every later layout loads that checkpoint (so all
+layouts hold the same weights) and computes the loss, the logits and the gradients of the same
+global batch. Gradients are gathered to full (unsharded) tensors with layout-independent names,
+so the test can compare every layout against the first element by element.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+
+from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
+from ttt_train.runtime.distributed import ParallelConfig, initialize
+from ttt_train.training.checkpoint import load_checkpoint, save_checkpoint
+from ttt_train.training.setup import DDPConfig, wrap_for_training
+from ttt_train.training.step import run_step
+
+
+def make_batch(seed: int, batch: int, seq: int, vocab: int) -> dict:
+    """Random next-token batch, identical on every rank: tokens/labels/loss_mask/position_ids [batch, seq]."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    mask = (torch.rand(batch, seq, generator=g) > 0.1).float()
+    return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=mask,
+                position_ids=torch.arange(seq).expand(batch, -1).contiguous())
+
+
+def _micro_batches(batch: dict, micro: int):
+    n = batch["tokens"].shape[0]
+    while True:
+        for i in range(0, n, micro):
+            yield {k: v[i:i + micro] for k, v in batch.items()}
+
+
+def full_grads(chunk, config) -> dict[str, torch.Tensor]:
+    """This pipeline stage's parameter gradients (DDP `main_grad`), gathered over tensor parallelism,
+    keyed by layout-independent names (global layer numbers)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config)
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(tp_group)
+    grads = {}
+    for name, param in chunk.module.named_parameters():
+        grad = param.main_grad.detach().clone()
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(grad) for _ in range(tp)]
+            dist.all_gather(parts, grad.contiguous(), group=tp_group)
+            if name.endswith("linear_fc1.weight") and config.gated_linear_unit:  # [gate_r; up_r] per rank
+                halves = [p.chunk(2, dim=0) for p in parts]
+                grad = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            else:
+                grad = torch.cat(parts, dim=param.partition_dim)
+        name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + offset}.", name)
+        grads[name] = grad
+    return grads
+
+
+def _logits(model, batch: dict) -> torch.Tensor | None:
+    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage (single-stage models only)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    with torch.no_grad():
+        out = model(batch["tokens"], batch["position_ids"], None)
+    return gather_from_tensor_model_parallel_region(out).float()
+
+
+def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny", seq: int = 32,
+                     global_batch: int = 4, micro_batch: int = 2, seed: int = 7) -> list[dict]:
+    """For each layout: loss, logits (pp == 1 only) and full gradients of one global batch.
+
+    Returns (on every rank) a list with one dict per layout; entries that a rank does not hold are
+    None/empty, and the caller merges ranks. The first layout saves the weights the others load.
+    """
+    from megatron.core import parallel_state as ps
+
+    model_cfg = load_model_config(model_name)
+    results = []
+    for i, layout in enumerate(layouts):
+        parallel = ParallelConfig(**layout)
+        dp = initialize(parallel)
+        config = to_transformer_config(model_cfg, parallel)
+        chunks = wrap_for_training(build_gpt_model(model_cfg, config), config, DDPConfig())
+        if i == 0:
+            save_checkpoint(ckpt_dir, 0, chunks)
+        else:
+            load_checkpoint(ckpt_dir, chunks)
+        batch = make_batch(seed, global_batch, seq, model_cfg.vocab_size)
+        rank_rows = slice(ps.get_data_parallel_rank() * global_batch // dp,
+                          (ps.get_data_parallel_rank() + 1) * global_batch // dp)
+        local = {k: v[rank_rows] for k, v in batch.items()}
+        loss = run_step(chunks, _micro_batches(local, micro_batch), num_microbatches=global_batch // dp // micro_batch,
+                        micro_batch_size=micro_batch, seq_length=seq)["loss"]
+        grads = full_grads(chunks[0], config)
+        keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        logits = None
+        if parallel.pp == 1:
+            logits = _logits(chunks[0].module, {k: v[:micro_batch] for k, v in batch.items()})
+        results.append(dict(layout=layout, loss=loss, grads=grads if keep else {},
+                            logits=logits if keep else None))
+        del chunks
+    return results

@@ -1,0 +1,140 @@
+"""Synthetic long-context retrieval tasks with checkable answers, deterministic from a seed.
+
+- passkey: a 5-digit pass key hidden at a random depth in repeated filler sentences.
+- multikey: lines "The value of key <uuid> is <7 digits>." fill the context (multi-key associative
+  recall); the query asks for the values of some keys, answered in query order.
+- variable_tracking: chains "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... hidden in filler;
+  the query asks which variables hold a value, answered in assignment order.
+
+A record is {"task", "context", "query", "answer", "length_tokens", "seed", "text"} with
+text = context + "\\n" + query + " " + answer, the training form; an evaluation prompts with
+context + "\\n" + query and scores the continuation with `score_exact_match`. `length_tokens` is the
+length of `text` in tokens of the given tokenizer: the largest context not exceeding the target, so
+it falls short of the target by less than one filler sentence or key line.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import numpy
+
+from ttt_train.data.tokenizer import Tokenizer, load_tokenizer
+
+FILLER = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+
+# A task maps (seed, n, options) to (context, query, answer); n (>= its minimum) sets the length.
+TaskFn = Callable[..., tuple[str, str, str]]
+
+
+def _passkey(seed: int, n: int, depth: float | None = None) -> tuple[str, str, str]:
+    rng = numpy.random.default_rng(seed)
+    key = int(rng.integers(10000, 100000))
+    depth = float(rng.uniform()) if depth is None else depth
+    sentences = [FILLER[i % len(FILLER)] for i in range(n)]
+    sentences.insert(round(depth * n), f"The pass key is {key}. Remember it. {key} is the pass key.")
+    return " ".join(sentences), "What is the pass key? The pass key is", str(key)
+
+
+def _multikey(seed: int, n: int, num_queries: int = 2) -> tuple[str, str, str]:
+    rng = numpy.random.default_rng(seed)
+    keys = [str(uuid.UUID(bytes=rng.bytes(16))) for _ in range(n)]
+    values = rng.integers(1_000_000, 10_000_000, size=n)
+    asked = rng.choice(n, size=num_queries, replace=False)
+    context = "\n".join(f"The value of key {k} is {v}." for k, v in zip(keys, values))
+    query = f"What are the values of the keys {', '.join(keys[i] for i in asked)}? The values are"
+    return context, query, " ".join(str(values[i]) for i in asked)
+
+
+def _variable_tracking(seed: int, n: int, num_chains: int = 2, num_hops: int = 4) -> tuple[str, str, str]:
+    rng = numpy.random.default_rng(seed)
+    names = _unique_names(rng, num_chains * (num_hops + 1))
+    values = rng.choice(numpy.arange(10000, 100000), size=num_chains, replace=False)
+    chains = []
+    for c in range(num_chains):
+        chain = names[c * (num_hops + 1) : (c + 1) * (num_hops + 1)]
+        chains.append(
+            [f"VAR {chain[0]} = {values[c]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+        )
+    # Statements at random places, each chain's in order: deal chain labels in a random order.
+    order = rng.permutation(numpy.repeat(numpy.arange(num_chains), num_hops + 1))
+    statements = [chains[c].pop(0) for c in order]
+    slots = numpy.sort(rng.integers(0, n + 1, size=len(statements)))
+    sentences = [FILLER[i % len(FILLER)] for i in range(n)]
+    for offset, (slot, statement) in enumerate(zip(slots, statements)):
+        sentences.insert(int(slot) + offset, statement)
+    query = f"Which variables are assigned the value {values[0]}? They are"
+    return " ".join(sentences), query, " ".join(names[: num_hops + 1])
+
+
+def _unique_names(rng: numpy.random.Generator, count: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(chr(65 + int(i)) for i in rng.integers(0, 26, size=5))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+TASKS: dict[str, tuple[TaskFn, Callable[[dict], int]]] = {
+    # task -> (generator, smallest n given the options)
+    "passkey": (_passkey, lambda options: 0),
+    "multikey": (_multikey, lambda options: options.get("num_queries", 2)),
+    "variable_tracking": (_variable_tracking, lambda options: 0),
+}
+
+
+def generate(task: str, length_tokens: int, seed: int, tokenizer: Tokenizer | None = None, **options) -> dict:
+    """One record of `task` whose `text` is at most `length_tokens` tokens long, as long as possible."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    tokenizer = tokenizer or load_tokenizer("byte")
+    fn, smallest = TASKS[task]
+
+    def build(n: int) -> tuple[dict, int]:
+        context, query, answer = fn(seed, n, **options)
+        record = {"task": task, "context": context, "query": query, "answer": answer, "seed": seed}
+        record["text"] = f"{context}\n{query} {answer}"
+        return record, len(tokenizer.encode(record["text"]))
+
+    lo = smallest(options)
+    best, size = build(lo)
+    if size > length_tokens:
+        raise ValueError(f"{task}: target of {length_tokens} tokens is too short, the minimum is {size}")
+    hi = max(2 * lo, 16)
+    while build(hi)[1] <= length_tokens:  # grow until too long, then bisect on the last fitting n
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if build(mid)[1] <= length_tokens:
+            lo = mid
+        else:
+            hi = mid
+    best, size = build(lo)
+    return {**best, "length_tokens": size}
+
+
+def generate_many(
+    task: str, num: int, length_tokens: int, seed: int, tokenizer: Tokenizer | None = None, **options
+):
+    """Records for seeds seed, seed + 1, ..., seed + num - 1."""
+    tokenizer = tokenizer or load_tokenizer("byte")
+    return [generate(task, length_tokens, seed + i, tokenizer, **options) for i in range(num)]
+
+
+def score_exact_match(prediction: str, answer: str) -> float:
+    """1.0 when the first line of `prediction` equals `answer` up to case, surrounding whitespace,
+    repeated spaces and a final period; else 0.0."""
+
+    def normalize(text: str) -> str:
+        lines = text.strip().splitlines() or [""]
+        return " ".join(lines[0].split()).rstrip(".").casefold()
+
+    return float(normalize(prediction) == normalize(answer))

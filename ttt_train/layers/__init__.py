@@ -1,0 +1,1 @@
+"""megatron-core modules and layer specs (In-Place TTT MLP, CPU-capable norms and attention)."""

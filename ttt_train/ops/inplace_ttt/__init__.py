@@ -1,0 +1,7 @@
+"""In-Place TTT down-projection: fast path (:func:`inplace_ttt`), reference, update sums."""
+
+from .chunk import inplace_ttt
+from .naive import inplace_ttt_reference
+from .update_sum import ttt_update_sum
+
+__all__ = ["inplace_ttt", "inplace_ttt_reference", "ttt_update_sum"]

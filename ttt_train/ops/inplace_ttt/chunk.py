@@ -1,0 +1,241 @@
+"""Memory-lean In-Place TTT down-projection: a custom autograd function over chunks.
+
+Forward keeps one ``[d, h]`` state per sequence and never materialises per-chunk weights. It
+saves the inputs and, per sequence, the state in force for the last chunk. Backward walks the
+chunks backwards: it rewinds the state (``W^(i) = W^(i+1) - u_i``, recomputing ``u_i``), carries
+``G`` (gradient w.r.t. the state after chunk ``i``: the suffix sum of later chunks' ``dO^T Z`` plus
+the final state's gradient), and merges GEMMs that share an operand (METHOD.md section 7):
+``[dO_i, V_i]^T Z_i -> [P_i; M_i]`` and ``[dO_i, V_i] [W^(i); A_i] -> dZ_i``, with ``A_i`` the
+gradient w.r.t. ``M_i = V_i^T Z_i`` (``lr G_i`` without clipping). A document that ends inside the
+sequence gets its end state back by re-summing its chunk updates, so extra memory stays
+``O(d h)`` per sequence whatever the number of chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Chunk, check_inputs, chunk_plan, doc_starts, state_dtype
+
+
+def _clip(m: torch.Tensor, g: torch.Tensor | None, lr: float, tau: float | None, group):
+    """Scale ``us`` with ``u = us * m`` and coefficient ``k`` with ``dL/dm = us * (g - k * m)``.
+
+    ``us = lr * min(1, tau / ||lr m||)``; ``k = <g, m> / ||m||^2`` where clipped, else 0. With
+    ``group`` the squared norm and the inner product are summed over the group (``h`` sharded).
+    """
+    if tau is None:
+        return lr, 0.0
+    flat = m.reshape(-1)
+    stats = torch.dot(flat, flat).reshape(1)
+    if g is not None:
+        stats = torch.cat([stats, torch.dot(g.reshape(-1), flat).reshape(1)])
+    if group is not None:
+        torch.distributed.all_reduce(stats, group=group)
+    sq = stats[0]
+    norm = abs(lr) * sq.sqrt()
+    clipped = norm > tau
+    one = torch.ones_like(sq)
+    us = lr * torch.where(clipped, tau / torch.where(clipped, norm, one), one)
+    k = torch.where(clipped, stats[1] / torch.where(clipped, sq, one), 0 * one) if g is not None else None
+    return us, k
+
+
+def _add_update_(w: torch.Tensor, v: torch.Tensor, z: torch.Tensor, lr: float, tau: float | None, group) -> None:
+    """``w += clip(lr * v^T z)`` in place."""
+    if tau is None:
+        w.addmm_(v.T, z, alpha=lr)
+        return
+    m = v.T @ z
+    us, _ = _clip(m, None, lr, tau, group)
+    w.addcmul_(m, us)
+
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``dst = a @ b`` (``dst`` may have a lower precision dtype)."""
+    if dst.dtype == a.dtype:
+        torch.matmul(a, b, out=dst)
+    else:
+        dst.copy_(a @ b)
+
+
+class _Row:
+    """One sequence: its inputs in the state dtype (converted chunk by chunk) and its chunk plan."""
+
+    def __init__(self, z, v, ws, w0, plan: list[Chunk], lr, tau, group):
+        self.z, self.v, self.ws, self.w0, self.plan = z, v, ws, w0, plan
+        self.lr, self.tau, self.group, self.sdt = lr, tau, group, ws.dtype
+
+    def zs(self, lo, hi):
+        return self.z[lo:hi].to(self.sdt)
+
+    def vs(self, lo, hi):
+        return self.v[lo:hi].to(self.sdt)
+
+    def add_update_(self, w, ch: Chunk) -> None:
+        _add_update_(w, self.vs(ch.l, ch.e), self.zs(ch.l, ch.e), self.lr, self.tau, self.group)
+
+    def forward(self, out: torch.Tensor, want_final: bool):
+        """Write the outputs into ``out`` ``[T, d]``; return (state for the last chunk, final state or None)."""
+        ws, n = self.ws, len(self.plan)
+        w = self.w0.clone()
+        for i, ch in enumerate(self.plan):
+            if ch.reset:
+                w = ws.clone()
+            _mm_into(out[ch.s:ch.a], self.zs(ch.s, ch.a), w.T)
+            if ch.a < ch.e:
+                _mm_into(out[ch.a:ch.e], self.zs(ch.a, ch.e), ws.T)
+            if i == n - 1 and not want_final:
+                return w, None
+            nxt = ws.clone() if ch.a < ch.e else (w.clone() if i == n - 1 else w)
+            self.add_update_(nxt, ch)
+            if i == n - 1:
+                return w, nxt
+            w = nxt
+
+    def resum(self, i: int) -> torch.Tensor:
+        """State in force at the start of chunk ``i`` (not a reset) for its first document, re-summed."""
+        ch = self.plan[i]
+        w = (self.w0 if ch.first_doc else self.ws).clone()
+        for c in range(ch.start_chunk, i):
+            self.add_update_(w, self.plan[c])
+        return w
+
+    def backward(self, do: torch.Tensor, g_final, saved: torch.Tensor, dz: torch.Tensor, dv: torch.Tensor):
+        """Fill ``dz`` ``[T, h]`` and ``dv`` ``[T, d]``; return (grad of weight, grad of the first
+        document's start weight), both in the state dtype."""
+        plan, ws, lr, tau, n = self.plan, self.ws, self.lr, self.tau, len(self.plan)
+        d = ws.shape[0]
+        g = g_final  # gradient w.r.t. the state after chunk i (None: zero)
+        r = None  # the state after chunk i, when known
+        g_w = torch.zeros_like(ws)
+        g_w0 = None
+        for i in reversed(range(n)):
+            ch = plan[i]
+            s, a, l, e = ch.s, ch.a, ch.l, ch.e
+            single = a == e
+            rewind = 0 < i < n - 1 and single and not ch.reset and not plan[i + 1].reset
+            need_m = rewind or (g is not None and tau is not None)
+            y = None
+            if single:
+                zc, doc = self.zs(s, e), do[s:e].to(self.sdt)
+                if need_m:
+                    y = torch.cat([doc, self.vs(s, e)], dim=1)
+                    pm = y.T @ zc
+                    p, m = pm[:d], pm[d:]
+                else:
+                    p, m = doc.T @ zc, None
+            else:
+                p = do[s:a].to(self.sdt).T @ self.zs(s, a)
+                m = self.vs(l, e).T @ self.zs(l, e) if need_m else None
+            us, k = _clip(m, g, lr, tau, self.group) if m is not None else (lr, None)
+            a_grad = None
+            if g is not None:
+                a_grad = lr * g if tau is None else us * (g - k * m)
+            if i == n - 1:
+                w_before = saved
+            elif i == 0:
+                w_before = self.w0
+            elif ch.reset:
+                w_before = ws
+            elif rewind:
+                w_before = r - us * m if tau is not None else torch.sub(r, m, alpha=lr)
+            else:
+                w_before = self.resum(i)
+            if single:
+                if a_grad is not None:
+                    if y is None:
+                        y = torch.cat([doc, self.vs(s, e)], dim=1)
+                    _mm_into(dz[s:e], y, torch.cat([w_before, a_grad]))
+                    _mm_into(dv[s:e], zc, a_grad.T)
+                else:
+                    _mm_into(dz[s:e], doc, w_before)
+                    dv[s:e].zero_()
+                g_before = p if g is None else p.add_(g)
+            else:
+                _mm_into(dz[s:a], do[s:a].to(self.sdt), w_before)
+                do_new, z_new = do[a:e].to(self.sdt), self.zs(a, e)
+                _mm_into(dz[a:e], do_new, ws)
+                g_w.addmm_(do_new.T, z_new)
+                dv[s:l].zero_()
+                if a_grad is not None:
+                    dz[l:e] += self.vs(l, e) @ a_grad
+                    _mm_into(dv[l:e], self.zs(l, e), a_grad.T)
+                    g_w += g
+                else:
+                    dv[l:e].zero_()
+                g_before = p
+            if i == 0:
+                g_w0 = g_before
+            elif ch.reset:
+                g_w += g_before
+                g_before = None
+            g, r = g_before, (None if ch.reset else w_before)
+        return g_w, g_w0
+
+
+class _InplaceTTTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, v, weight, initial_state, plans, chunk_size, lr, tau, group, want_final):
+        sdt = state_dtype(z.dtype)
+        B, T, _ = z.shape
+        ws = weight.to(sdt)
+        out = torch.empty(B, T, weight.shape[0], dtype=z.dtype, device=z.device)
+        saved, finals = [], []
+        for b in range(B):
+            w0 = initial_state[b].to(sdt) if initial_state is not None else ws
+            last, final = _Row(z[b], v[b], ws, w0, plans[b], lr, tau, group).forward(out[b], want_final)
+            saved.append(last)
+            finals.append(final)
+        ctx.save_for_backward(z, v, weight, initial_state, torch.stack(saved))
+        ctx.plans, ctx.lr, ctx.tau, ctx.group = plans, lr, tau, group
+        ctx.set_materialize_grads(False)
+        return (out, torch.stack(finals)) if want_final else out
+
+    @staticmethod
+    def backward(ctx, d_out, d_final=None):
+        z, v, weight, initial_state, saved = ctx.saved_tensors
+        sdt = state_dtype(z.dtype)
+        B, T, _ = z.shape
+        ws = weight.to(sdt)
+        if d_out is None:
+            d_out = torch.zeros(B, T, weight.shape[0], dtype=z.dtype, device=z.device)
+        dz = torch.empty_like(z)  # every row is written
+        dv = torch.empty_like(v)  # rows without a used update are zeroed by the row walk
+        g_w = torch.zeros_like(ws)
+        g_init = torch.empty_like(initial_state) if initial_state is not None else None
+        for b in range(B):
+            w0 = initial_state[b].to(sdt) if initial_state is not None else ws
+            row = _Row(z[b], v[b], ws, w0, ctx.plans[b], ctx.lr, ctx.tau, ctx.group)
+            g_final = d_final[b].to(sdt) if d_final is not None else None
+            gw_b, gw0_b = row.backward(d_out[b], g_final, saved[b], dz[b], dv[b])
+            g_w += gw_b
+            if g_init is not None:
+                g_init[b] = gw0_b
+            else:
+                g_w += gw0_b
+        return dz, dv, g_w.to(weight.dtype), g_init, None, None, None, None, None, None
+
+
+def inplace_ttt(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk_size: int, lr: float,
+                doc_ids: torch.Tensor | None = None, max_update_norm: float | None = None,
+                initial_state: torch.Tensor | None = None, output_final_state: bool = False, norm_group=None):
+    """In-Place TTT down-projection (METHOD.md sections 2-5), fast path.
+
+    z ``[B, T, h]``, v ``[B, T, d]`` (targets), weight ``[d, h]`` (``W_down``) -> ``[B, T, d]`` in
+    z's dtype. Chunk ``i`` (tokens ``[i C, (i+1) C)``; ``T`` need not be a multiple of ``C``) uses
+    the fast weight of its document: its start weight (``initial_state`` ``[B, d, h]`` for the
+    row's first document, default ``weight``; ``weight`` for every later document) plus
+    ``clip(lr * V_j^T Z_j)`` of that document's tokens of each earlier chunk ``j``. ``doc_ids``
+    ``[B, T]`` (non-decreasing ints) marks documents; ``max_update_norm`` clips each (chunk,
+    document) update to that Frobenius norm; ``norm_group`` is the process group ``h`` is sharded
+    over (tensor parallelism), over which clip norms are summed. With ``output_final_state`` also
+    returns the last document's fast weight after the last chunk, ``[B, d, h]`` float32 (float64
+    for float64 inputs), differentiable. State and updates accumulate in float32 for half inputs.
+    """
+    lr, tau = check_inputs(z, v, weight, chunk_size=chunk_size, lr=lr, doc_ids=doc_ids,
+                           max_update_norm=max_update_norm, initial_state=initial_state)
+    B, T, _ = z.shape
+    plans = [chunk_plan(starts, T, chunk_size) for starts in doc_starts(doc_ids, B)]
+    return _InplaceTTTFunction.apply(z, v, weight, initial_state, plans, chunk_size, lr, tau, norm_group,
+                                     bool(output_final_state))

@@ -1,0 +1,1 @@
+"""Device and distributed set-up: CPU compatibility for megatron-core, process groups, local ranks."""

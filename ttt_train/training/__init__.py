@@ -1,0 +1,1 @@
+"""Training: model wrapping (DDP), optimizer, the train step, checkpoints."""

@@ -1,0 +1,69 @@
+"""One training (or evaluation) step through megatron's pipeline schedules.
+
+Batches are dicts of `[micro_batch, seq]` tensors: `tokens`, `labels`, `loss_mask`,
+`position_ids` and optionally `doc_ids` (document index per token, for TTT resets). The loss is
+the token-level cross-entropy summed over unmasked tokens and normalised by the global number of
+such tokens (megatron's `calculate_per_token_loss`), which stays exact under data and context
+parallelism.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """(sum of masked token losses, number of tokens, report) as megatron's schedules expect."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    """megatron `forward_step_func`: run the model on the next micro-batch, return (output, loss_func)."""
+    from functools import partial
+
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_losses(reports: list[dict]) -> float | None:
+    """Mean token loss over all micro-batches and data/context-parallel ranks (None off the last stage)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not reports:
+        return None
+    total = torch.stack([r["lm loss"] for r in reports]).sum(0).double()
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def run_step(model_chunks, data_iterator, *, num_microbatches: int, micro_batch_size: int, seq_length: int,
+             forward_only: bool = False, optimizer=None) -> dict:
+    """Forward/backward over `num_microbatches` micro-batches, then an optimizer step if one is given.
+
+    Returns {"loss": mean token loss (last pipeline stage, else None), "grad_norm", "skipped"}.
+    Without an optimizer the reduced gradients stay in the DDP buffers (`param.main_grad`).
+    `seq_length` is the length each rank sees (already divided by the context-parallel size).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not forward_only:
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        if optimizer is not None:
+            optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+    result = {"loss": _reduce_losses(reports), "grad_norm": None, "skipped": False}
+    if optimizer is not None and not forward_only:
+        ok, grad_norm, _ = optimizer.step()
+        result.update(grad_norm=grad_norm, skipped=not ok)
+    return result
