@@ -1,4 +1,4 @@
-"""Build a long-context training mixture from tokenized datasets, e.g. the stage-2 blend of long
+r"""Build a long-context training mixture from tokenized datasets, e.g. the stage-2 blend of long
 natural documents with shorter ones packed.
 
     python -m data_tools.mixture --source data/books 0.5 --source data/web 0.5 \

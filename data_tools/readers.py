@@ -83,8 +83,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     matching nothing or a file of unknown format is refused."""
     files: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"input {pattern!r}: no such file")
         for path in matches:

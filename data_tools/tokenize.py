@@ -1,4 +1,4 @@
-"""Tokenize JSON-lines / text / parquet documents into a megatron-core indexed dataset (.bin/.idx).
+r"""Tokenize JSON-lines / text / parquet documents into a megatron-core indexed dataset (.bin/.idx).
 
     python -m data_tools.tokenize 'corpus/*.jsonl' --tokenizer /models/Qwen3-8B-Base \
         --output-prefix data/corpus --workers 8
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m data_tools.tokenize",
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     files = expand_inputs(args.inputs)
     tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
     vocab_size = args.vocab_size or tokenizer.vocab_size
+    if args.append_eod and tokenizer.eod_id >= vocab_size:
+        raise ValueError(f"the EOD id {tokenizer.eod_id} is >= --vocab-size {vocab_size}")
     settings = Settings(
         tokenizer=args.tokenizer,
         eod_token=args.eod_token,
@@ -219,16 +221,15 @@ def tokenize_piece(index: int, records: list[Record], workdir: str, settings: Se
     for record, ids in zip(sources, tokenizer.encode_batch(texts)):
         if settings.append_eod:
             ids.append(tokenizer.eod_id)
-        bad = max(ids, default=-1) >= settings.vocab_size
-        if not ids or bad:
-            detail = f"token id {max(ids)} >= vocab size {settings.vocab_size}" if bad else "no tokens"
-            _reject(
-                Problem(record.source, record.line, "vocab_mismatch" if bad else "empty", detail),
-                problems,
-                settings,
-            )
+        if not ids:
+            problem = Problem(record.source, record.line, "empty", "no tokens")
+        elif max(ids) >= settings.vocab_size:
+            detail = f"token id {max(ids)} >= vocab size {settings.vocab_size}"
+            problem = Problem(record.source, record.line, "vocab_mismatch", detail)
+        else:
+            documents.append(numpy.asarray(ids))
             continue
-        documents.append(numpy.asarray(ids))
+        _reject(problem, problems, settings)
 
     piece = _piece(workdir, index)
     num_docs, num_tokens = indexed.write_documents(

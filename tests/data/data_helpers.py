@@ -36,21 +36,3 @@ def write_word_tokenizer(path, vocab_size: int) -> str:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(path))
     return str(path)
-
-
-def distributed_rank(rank: int, world: int, init_file: str, cfg, out_dir: str) -> None:
-    """One torch.distributed (gloo) rank: build the datasets, save the first batches of this rank."""
-    import torch
-
-    from ttt_train.data.datasets import build_dataloader, build_datasets
-    from ttt_train.data.tokenizer import load_tokenizer
-
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-    )
-    try:
-        train, _, _ = build_datasets(cfg, load_tokenizer("byte"), num_samples=(24, 2, 2))
-        batches = list(build_dataloader(train, 256, 4, 2, rank, world))
-        torch.save([b["tokens"] for b in batches], f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()

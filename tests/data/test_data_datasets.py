@@ -70,15 +70,22 @@ def test_config_errors_name_the_key(data, tmp_path, overrides, message):
     assert message in str(err.value)
 
 
-def test_yaml_configs(data, tmp_path):
+def test_yaml_configs(tmp_path, byte_tokenizer):
     tiny = OmegaConf.load(CONFIGS / "synthetic_tiny.yaml")
-    tiny.blend[0].path, tiny.cache_dir = str(data / "a"), str(tmp_path)
+    # The build command in the file's header, writing under tmp_path instead of data/.
+    prefix = tmp_path / "synthetic"
+    args = ["passkey", "multikey", "variable_tracking", "--num", "96", "--length", "1024", "--seed", "0"]
+    assert synthetic.main([*args, "--output-prefix", str(prefix)]) == 0
+    tiny.blend[0].path, tiny.cache_dir = str(prefix), str(tmp_path / "cache")
     cfg = DataConfig.from_dict(tiny)
     assert (cfg.seq_length, cfg.tokenizer, cfg.blend[0].weight) == (512, "byte", 1.0)
+    train, valid, test = build_datasets(cfg, byte_tokenizer, num_samples=(64, 4, 4))
+    assert len(train) >= 64 and train[0]["tokens"].shape == (512,)
     for name in ("pretrain_example.yaml", "longctx_stage2_example.yaml"):
-        example = OmegaConf.load(CONFIGS / name)
         with pytest.raises(ValueError, match=r"blend\[0\].path': /data/tokenized/"):
-            DataConfig.from_dict(example)  # placeholder paths are refused, naming the key
+            DataConfig.from_dict(
+                OmegaConf.load(CONFIGS / name)
+            )  # placeholder paths are refused, naming the key
 
 
 def test_adapter_is_what_megatron_needs(byte_tokenizer):
@@ -160,14 +167,27 @@ def test_refuses_datasets_of_another_tokenizer(data, tmp_path, byte_tokenizer):
         build_datasets(config(data, tmp_path, blend=[str(tmp_path / "noeod")]), byte_tokenizer, (1, 0, 0))
 
 
-def test_distributed_ranks_share_the_cache_and_split_the_stream(data, tmp_path, byte_tokenizer):
-    from data_helpers import distributed_rank
+def distributed_rank(rank: int, world: int, init_file: str, cfg: DataConfig, out_dir: str) -> None:
+    """One torch.distributed (gloo) rank: build the datasets, save this rank's batches."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        train, _, _ = build_datasets(cfg, load_tokenizer("byte"), num_samples=(24, 2, 2))
+        batches = list(build_dataloader(train, 256, 4, 2, rank, world))
+        torch.save([b["tokens"] for b in batches], f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
 
+
+def test_distributed_ranks_share_the_cache_and_split_the_stream(data, tmp_path, byte_tokenizer):
     cfg = config(
         data, tmp_path, blend=[{"path": str(data / "a"), "weight": 1}, {"path": str(data / "b"), "weight": 1}]
     )
     args = (2, str(tmp_path / "init"), cfg, str(tmp_path))
-    torch.multiprocessing.start_processes(distributed_rank, args=args, nprocs=2, start_method="fork")
+    # fork is fast (megatron is already imported) but would copy an initialised default group
+    start_method = "spawn" if torch.distributed.is_initialized() else "fork"
+    torch.multiprocessing.start_processes(distributed_rank, args=args, nprocs=2, start_method=start_method)
     assert any(
         p.name.endswith("BlendedDataset-train-dataset_index.npy") for p in (tmp_path / "cache").iterdir()
     )

@@ -21,13 +21,32 @@ from ttt_train.training.setup import DDPConfig, wrap_for_training
 from ttt_train.training.step import run_step
 
 
-def make_batch(seed: int, batch: int, seq: int, vocab: int) -> dict:
-    """Random next-token batch, identical on every rank: tokens/labels/loss_mask/position_ids [batch, seq]."""
+def make_batch(seed: int, batch: int, seq: int, vocab: int, with_docs: bool = False) -> dict:
+    """Random next-token batch, identical on every rank: tokens/labels/loss_mask/position_ids [batch, seq],
+    and with `with_docs` a `doc_ids` [batch, seq] of a few packed documents (boundaries on and off
+    chunk edges, the last row one document)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     mask = (torch.rand(batch, seq, generator=g) > 0.1).float()
-    return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=mask,
-                position_ids=torch.arange(seq).expand(batch, -1).contiguous())
+    out = dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=mask,
+               position_ids=torch.arange(seq).expand(batch, -1).contiguous())
+    if with_docs:
+        starts = torch.zeros(batch, seq, dtype=torch.long)
+        for row in range(batch - 1):
+            cuts = torch.randperm(seq - 1, generator=g)[:3] + 1
+            starts[row, cuts] = 1
+        starts[0, seq // 2] = 1  # one boundary exactly on a chunk edge for power-of-two chunks
+        out["doc_ids"] = starts.cumsum(1)
+    return out
+
+
+def randomize_ttt_targets(model, seed: int) -> None:
+    """Give every TTT target a non-zero convolution, so the fast weights really change (tests only)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if "ttt_target.conv" in name:
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
 
 
 def _micro_batches(batch: dict, micro: int):
@@ -66,32 +85,40 @@ def _logits(model, batch: dict) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, vocab] on the last pipeline stage (single-stage models only)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from ttt_train.training.step import model_inputs
+
     with torch.no_grad():
-        out = model(batch["tokens"], batch["position_ids"], None)
+        out = model(batch["tokens"], batch["position_ids"], None, **model_inputs(model, batch))
     return gather_from_tensor_model_parallel_region(out).float()
 
 
 def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny", seq: int = 32,
-                     global_batch: int = 4, micro_batch: int = 2, seed: int = 7) -> list[dict]:
+                     global_batch: int = 4, micro_batch: int = 2, seed: int = 7, model_overrides: dict | None = None,
+                     ttt: dict | None = None, with_docs: bool = False) -> list[dict]:
     """For each layout: loss, logits (pp == 1 only) and full gradients of one global batch.
 
     Returns (on every rank) a list with one dict per layout; entries that a rank does not hold are
-    None/empty, and the caller merges ranks. The first layout saves the weights the others load.
+    None/empty, and the caller merges ranks. The first layout saves the weights the others load
+    (with TTT, after giving the targets non-zero convolutions).
     """
     from megatron.core import parallel_state as ps
 
-    model_cfg = load_model_config(model_name)
+    from ttt_train.layers.ttt_config import TTTConfig
+
+    model_cfg = load_model_config(model_name, **(model_overrides or {}))
+    ttt_cfg = TTTConfig.from_dict(ttt) if ttt is not None else None
     results = []
     for i, layout in enumerate(layouts):
         parallel = ParallelConfig(**layout)
         dp = initialize(parallel)
         config = to_transformer_config(model_cfg, parallel)
-        chunks = wrap_for_training(build_gpt_model(model_cfg, config), config, DDPConfig())
+        chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
         if i == 0:
+            randomize_ttt_targets(chunks[0].module, seed)
             save_checkpoint(ckpt_dir, 0, chunks)
         else:
             load_checkpoint(ckpt_dir, chunks)
-        batch = make_batch(seed, global_batch, seq, model_cfg.vocab_size)
+        batch = make_batch(seed, global_batch, seq, model_cfg.vocab_size, with_docs)
         rank_rows = slice(ps.get_data_parallel_rank() * global_batch // dp,
                           (ps.get_data_parallel_rank() + 1) * global_batch // dp)
         local = {k: v[rank_rows] for k, v in batch.items()}

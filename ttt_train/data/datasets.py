@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import numpy
 import torch
+from omegaconf import OmegaConf
 
 from ttt_train.data import indexed
 from ttt_train.data.documents import document_ids_from_tokens
@@ -70,10 +71,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping) -> DataConfig:
         """From a mapping or an OmegaConf node; `blend` entries are {path, weight} or a path."""
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -83,62 +81,60 @@ class DataConfig:
         for key in ("blend", "seq_length"):
             if key not in cfg:
                 raise ValueError(f"data config: missing key {key!r}")
-        blend = cfg["blend"]
-        if not isinstance(blend, list):
-            raise ValueError(f"data config key 'blend': expected a list of {{path, weight}}, got {blend!r}")
+        if not isinstance(cfg["blend"], list):
+            raise ValueError(
+                f"data config key 'blend': expected a list of {{path, weight}}, got {cfg['blend']!r}"
+            )
         entries = []
-        for i, entry in enumerate(blend):
-            if isinstance(entry, str):
-                entry = {"path": entry}
+        for i, entry in enumerate(cfg["blend"]):
+            entry = {"path": entry} if isinstance(entry, str) else entry
             if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", "weight"}:
                 raise ValueError(f"data config key 'blend[{i}]': expected {{path, weight}}, got {entry!r}")
             entries.append(BlendEntry(**entry))
         return cls(**{**cfg, "blend": entries})
 
     def __post_init__(self) -> None:
-        def fail(key: str, problem: str) -> None:
-            raise ValueError(f"data config key {key!r}: {problem}")
+        def require(ok: bool, key: str, problem: str) -> None:
+            if not ok:
+                raise ValueError(f"data config key {key!r}: {problem}")
 
-        if not isinstance(self.blend, list) or not self.blend:
-            fail("blend", "needs at least one dataset")
+        require(isinstance(self.blend, list) and len(self.blend) > 0, "blend", "needs at least one dataset")
         for i, entry in enumerate(self.blend):
             for suffix in (".bin", ".idx"):
-                if not os.path.isfile(f"{entry.path}{suffix}"):
-                    fail(f"blend[{i}].path", f"{entry.path}{suffix} not found")
-            if (
-                not isinstance(entry.weight, int | float)
-                or not math.isfinite(entry.weight)
-                or entry.weight <= 0
-            ):
-                fail(f"blend[{i}].weight", f"must be a positive number, got {entry.weight!r}")
-        for key in ("seq_length", "seed", "num_workers"):
+                require(
+                    os.path.isfile(entry.path + suffix), f"blend[{i}].path", f"{entry.path}{suffix} not found"
+                )
+            require(
+                _number(entry.weight) and entry.weight > 0, f"blend[{i}].weight", f"not > 0: {entry.weight!r}"
+            )
+        for key, minimum in (("seq_length", 1), ("seed", 0), ("num_workers", 0)):
             value = getattr(self, key)
-            if (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < (1 if key == "seq_length" else 0)
-            ):
-                fail(key, f"must be an integer >= {1 if key == 'seq_length' else 0}, got {value!r}")
-        if (
-            not isinstance(self.split, str)
-            or not _SPLIT.match(self.split)
-            or not any(float(x) for x in self.split.split(","))
-        ):
-            fail(
-                "split", f"expected up to three comma-separated proportions like '98,1,1', got {self.split!r}"
-            )
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            require(ok, key, f"not an integer >= {minimum}: {value!r}")
+        split_ok = (
+            isinstance(self.split, str)
+            and _SPLIT.match(self.split)
+            and any(map(float, self.split.split(",")))
+        )
+        require(
+            split_ok, "split", f"not up to three comma-separated proportions like '98,1,1': {self.split!r}"
+        )
         for key in ("eod_mask_loss", "reset_position_ids"):
-            if not isinstance(getattr(self, key), bool):
-                fail(key, f"must be true or false, got {getattr(self, key)!r}")
-        if not self.cache_dir:
-            fail("cache_dir", "must name a directory")
-        if self.tokenizer != "byte" and not os.path.exists(os.path.expanduser(self.tokenizer)):
-            fail(
-                "tokenizer",
-                f"{self.tokenizer} not found (expected 'byte', a tokenizer.json or a tokenizer dir)",
-            )
-        if not self.mid_level_dataset_surplus >= 0:
-            fail("mid_level_dataset_surplus", f"must be >= 0, got {self.mid_level_dataset_surplus!r}")
+            require(isinstance(getattr(self, key), bool), key, f"not true or false: {getattr(self, key)!r}")
+        require(
+            isinstance(self.cache_dir, str) and self.cache_dir != "", "cache_dir", "must name a directory"
+        )
+        require(
+            self.tokenizer == "byte" or os.path.exists(os.path.expanduser(self.tokenizer)),
+            "tokenizer",
+            f"{self.tokenizer} not found (expected 'byte', a tokenizer.json or a tokenizer directory)",
+        )
+        surplus = self.mid_level_dataset_surplus
+        require(_number(surplus) and surplus >= 0, "mid_level_dataset_surplus", f"not >= 0: {surplus!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MegatronTokenizerAdapter(MegatronTokenizerBase):

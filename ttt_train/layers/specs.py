@@ -1,23 +1,23 @@
-"""Transformer block specs: megatron's local spec made CPU-capable, or its transformer-engine spec.
+"""Transformer block specs: megatron's local spec made CPU-capable (or its transformer-engine spec),
+with In-Place TTT MLPs in the layers a `TTTConfig` names.
 
-`block_spec(config, backend=...)` returns the `TransformerBlockSubmodules` (one spec per layer built
-on this pipeline stage, and the final norm) that `GPTModel` takes as `transformer_layer_spec`.
+`block_spec(config, backend=..., ttt=...)` returns the `TransformerBlockSubmodules` (one spec per
+layer built on this pipeline stage, and the final norm) that `GPTModel` takes as
+`transformer_layer_spec`. Layer indices are global: a stage's layers are numbered from megatron's
+`get_transformer_layer_offset`, so a TTT layer stays the same layer at any pipeline split.
 """
 
 from __future__ import annotations
 
 import copy
 
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ttt_train.layers.norms import TorchNorm
+from ttt_train.layers.ttt_config import TTTConfig
 
 BACKENDS = ("local", "te")
 
@@ -41,18 +41,49 @@ def te_layer_spec(qk_layernorm: bool) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
-def block_spec(config, *, backend: str = "local", vp_stage: int | None = None,
+def ttt_layer_spec(base: ModuleSpec, ttt: TTTConfig, backend: str) -> ModuleSpec:
+    """`base` with its MLP replaced by `TTTMLP` (and the layer by `TTTTransformerLayer`).
+
+    With transformer-engine the pre-MLP norm is fused into fc1; a TTT layer needs the normalised
+    input itself (the `hidden_states` target), so it uses an unfused `TENorm` + `TEColumnParallelLinear`
+    with the same checkpoint keys.
+    """
+    from ttt_train.layers.ttt_mlp import TTTMLP, TTTTransformerLayer
+
+    spec = copy.deepcopy(base)
+    spec.module = TTTTransformerLayer
+    mlp_submodules = copy.deepcopy(spec.submodules.mlp.submodules)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
+
+        spec.submodules.pre_mlp_layernorm = TENorm
+        mlp_submodules.linear_fc1 = TEColumnParallelLinear
+        spec.submodules.sharded_state_dict_keys_map = {
+            **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    spec.submodules.mlp = ModuleSpec(module=TTTMLP, submodules=mlp_submodules, params={"ttt": ttt})
+    return spec
+
+
+def block_spec(config, *, backend: str = "local", ttt: TTTConfig | None = None, vp_stage: int | None = None,
                pp_rank: int | None = None) -> TransformerBlockSubmodules:
     """Per-layer specs for the layers this pipeline stage builds, plus the final norm."""
     if backend not in BACKENDS:
         raise ValueError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
-    layer = local_layer_spec(config.qk_layernorm) if backend == "local" else te_layer_spec(config.qk_layernorm)
+    base = local_layer_spec(config.qk_layernorm) if backend == "local" else te_layer_spec(config.qk_layernorm)
+    ttt_layers = set(ttt.layer_indices(config.num_layers)) if ttt is not None else set()
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    here = [offset + i for i in range(num_layers)]
+    if ttt is not None and ttt.target == "input_embed" and offset > 0 and ttt_layers.intersection(here):
+        raise ValueError(
+            f"ttt.target=input_embed: TTT layers {sorted(ttt_layers.intersection(here))} sit on a pipeline stage "
+            f"after the first, which has no token embeddings; use ttt.target=hidden_states, or a pipeline "
+            f"split that keeps every TTT layer on the first stage")
+    layers = [ttt_layer_spec(base, ttt, backend) if index in ttt_layers else copy.deepcopy(base) for index in here]
     if backend == "local":
         final_norm = TorchNorm
     else:
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
-    return TransformerBlockSubmodules(layer_specs=[copy.deepcopy(layer) for _ in range(num_layers)],
-                                      layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ttt_train.layers.specs import block_spec
+from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.models.config import ModelConfig
 
 
@@ -18,12 +19,14 @@ def padded_vocab_size(model: ModelConfig, tp: int) -> int:
     return padded
 
 
-def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = None,
-                    post_process: bool | None = None, vp_stage: int | None = None):
-    """GPTModel for the layers of this pipeline stage.
+def build_gpt_model(model: ModelConfig, config, *, ttt: TTTConfig | None = None,
+                    pre_process: bool | None = None, post_process: bool | None = None,
+                    vp_stage: int | None = None):
+    """GPTModel for the layers of this pipeline stage, with In-Place TTT where `ttt` says.
 
     `config` is the `TransformerConfig` from `to_transformer_config`. `pre_process` / `post_process`
-    default to whether this rank is the first / last pipeline stage.
+    default to whether this rank is the first / last pipeline stage. The model remembers `ttt`
+    (attribute `ttt_config`) so the training step knows what to feed it.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -36,9 +39,9 @@ def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = No
         position_embedding_type = "yarn"
     else:
         position_embedding_type = "rope"
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, backend=model.backend, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(config, backend=model.backend, ttt=ttt, vp_stage=vp_stage),
         vocab_size=padded_vocab_size(model, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
@@ -50,3 +53,5 @@ def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = No
         rope_scaling_factor=model.llama3_rope_factor or 8.0,
         vp_stage=vp_stage,
     )
+    gpt.ttt_config = ttt
+    return gpt

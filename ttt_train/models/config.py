@@ -166,6 +166,9 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
         bias_activation_fusion=False,
         masked_softmax_fusion=torch.cuda.is_available(),
         apply_rope_fusion=False,
+        # Per-layer checkpoint keys: TTT layers carry parameters other layers lack, and a plain
+        # model's checkpoint then has the same layout as a TTT model's (it can seed one).
+        hetereogenous_dist_checkpoint=True,
         **recompute_args,
         **overrides,
     )

@@ -22,12 +22,33 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
 
 
+def model_inputs(model, batch: dict) -> dict:
+    """Keyword arguments that carry TTT inputs into megatron's GPTModel.forward.
+
+    `doc_ids` travel as `padding_mask` (routed to every layer's MLP); with the `input_embed` TTT
+    target, the first stage embeds the tokens itself and passes the embeddings both as
+    `decoder_input` and as the block's `context`, which TTT layers read.
+    """
+    from megatron.core.utils import unwrap_model
+
+    kwargs = {}
+    if batch.get("doc_ids") is not None:
+        kwargs["padding_mask"] = batch["doc_ids"]
+    gpt = unwrap_model(model)
+    ttt = getattr(gpt, "ttt_config", None)
+    if ttt is not None and ttt.enabled and ttt.target == "input_embed" and gpt.pre_process:
+        embeddings = gpt.embedding(input_ids=batch["tokens"], position_ids=batch["position_ids"])
+        kwargs.update(decoder_input=embeddings, extra_block_kwargs={"context": embeddings})
+    return kwargs
+
+
 def forward_step(data_iterator: Iterator[dict], model):
     """megatron `forward_step_func`: run the model on the next micro-batch, return (output, loss_func)."""
     from functools import partial
 
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   **model_inputs(model, batch))
     return output, partial(_loss_func, batch["loss_mask"])
 
 

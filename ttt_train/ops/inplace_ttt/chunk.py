@@ -60,7 +60,7 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _Row:
-    """One sequence: its inputs in the state dtype (converted chunk by chunk) and its chunk plan."""
+    """One sequence: its inputs (converted to the state dtype chunk by chunk) and chunk plan."""
 
     def __init__(self, z, v, ws, w0, plan: list[Chunk], lr, tau, group):
         self.z, self.v, self.ws, self.w0, self.plan = z, v, ws, w0, plan
@@ -73,110 +73,120 @@ class _Row:
         return self.v[lo:hi].to(self.sdt)
 
     def add_update_(self, w, ch: Chunk) -> None:
-        _add_update_(w, self.vs(ch.l, ch.e), self.zs(ch.l, ch.e), self.lr, self.tau, self.group)
+        """``w += clip(lr * V^T Z)`` of the chunk's last document."""
+        _add_update_(w, self.vs(ch.last, ch.end), self.zs(ch.last, ch.end), self.lr, self.tau, self.group)
 
     def forward(self, out: torch.Tensor, want_final: bool):
-        """Write the outputs into ``out`` ``[T, d]``; return (state for the last chunk, final state or None)."""
+        """Write the outputs into ``out`` ``[T, d]``; return (state used by the last chunk, final
+        state or None). The last chunk's update is computed only for the final state."""
         ws, n = self.ws, len(self.plan)
         w = self.w0.clone()
         for i, ch in enumerate(self.plan):
             if ch.reset:
                 w = ws.clone()
-            _mm_into(out[ch.s:ch.a], self.zs(ch.s, ch.a), w.T)
-            if ch.a < ch.e:
-                _mm_into(out[ch.a:ch.e], self.zs(ch.a, ch.e), ws.T)
+            _mm_into(out[ch.start:ch.fresh], self.zs(ch.start, ch.fresh), w.T)
+            if ch.fresh < ch.end:
+                _mm_into(out[ch.fresh:ch.end], self.zs(ch.fresh, ch.end), ws.T)
             if i == n - 1 and not want_final:
                 return w, None
-            nxt = ws.clone() if ch.a < ch.e else (w.clone() if i == n - 1 else w)
+            nxt = ws.clone() if ch.fresh < ch.end else (w.clone() if i == n - 1 else w)
             self.add_update_(nxt, ch)
             if i == n - 1:
                 return w, nxt
             w = nxt
 
     def resum(self, i: int) -> torch.Tensor:
-        """State in force at the start of chunk ``i`` (not a reset) for its first document, re-summed."""
+        """State used by chunk ``i``'s first document (not reset at ``i``), re-summed from its start
+        weight with the same operations as the forward pass."""
         ch = self.plan[i]
         w = (self.w0 if ch.first_doc else self.ws).clone()
-        for c in range(ch.start_chunk, i):
+        for c in range(ch.doc_chunk, i):
             self.add_update_(w, self.plan[c])
         return w
 
     def backward(self, do: torch.Tensor, g_final, saved: torch.Tensor, dz: torch.Tensor, dv: torch.Tensor):
-        """Fill ``dz`` ``[T, h]`` and ``dv`` ``[T, d]``; return (grad of weight, grad of the first
-        document's start weight), both in the state dtype."""
+        """Fill ``dz`` ``[T, h]`` and ``dv`` ``[T, d]``; return the gradients (state dtype) of
+        ``weight`` and of the first document's start weight."""
         plan, ws, lr, tau, n = self.plan, self.ws, self.lr, self.tau, len(self.plan)
         d = ws.shape[0]
         g = g_final  # gradient w.r.t. the state after chunk i (None: zero)
-        r = None  # the state after chunk i, when known
+        after = None  # the state after chunk i, when known (chunk i + 1 not a reset)
         g_w = torch.zeros_like(ws)
         g_w0 = None
         for i in reversed(range(n)):
             ch = plan[i]
-            s, a, l, e = ch.s, ch.a, ch.l, ch.e
-            single = a == e
+            s, f, e = ch.start, ch.fresh, ch.end
+            single = f == e
             rewind = 0 < i < n - 1 and single and not ch.reset and not plan[i + 1].reset
             need_m = rewind or (g is not None and tau is not None)
+            # P = dO^T Z of the rows using the carried state; M = V^T Z of the last document
             y = None
             if single:
-                zc, doc = self.zs(s, e), do[s:e].to(self.sdt)
+                zc, do_c = self.zs(s, e), do[s:e].to(self.sdt)
                 if need_m:
-                    y = torch.cat([doc, self.vs(s, e)], dim=1)
+                    y = torch.cat([do_c, self.vs(s, e)], dim=1)
                     pm = y.T @ zc
                     p, m = pm[:d], pm[d:]
                 else:
-                    p, m = doc.T @ zc, None
+                    p, m = do_c.T @ zc, None
             else:
-                p = do[s:a].to(self.sdt).T @ self.zs(s, a)
-                m = self.vs(l, e).T @ self.zs(l, e) if need_m else None
+                p = do[s:f].to(self.sdt).T @ self.zs(s, f)
+                m = self.vs(ch.last, e).T @ self.zs(ch.last, e) if need_m else None
             us, k = _clip(m, g, lr, tau, self.group) if m is not None else (lr, None)
-            a_grad = None
+            a_grad = None  # gradient w.r.t. M
             if g is not None:
                 a_grad = lr * g if tau is None else us * (g - k * m)
             if i == n - 1:
-                w_before = saved
+                w = saved
             elif i == 0:
-                w_before = self.w0
+                w = self.w0
             elif ch.reset:
-                w_before = ws
+                w = ws
             elif rewind:
-                w_before = r - us * m if tau is not None else torch.sub(r, m, alpha=lr)
+                w = after - us * m if tau is not None else torch.sub(after, m, alpha=lr)
             else:
-                w_before = self.resum(i)
+                w = self.resum(i)
             if single:
-                if a_grad is not None:
+                if a_grad is not None:  # dZ = [dO, V] [W; A], dV = Z A^T
                     if y is None:
-                        y = torch.cat([doc, self.vs(s, e)], dim=1)
-                    _mm_into(dz[s:e], y, torch.cat([w_before, a_grad]))
+                        y = torch.cat([do_c, self.vs(s, e)], dim=1)
+                    _mm_into(dz[s:e], y, torch.cat([w, a_grad]))
                     _mm_into(dv[s:e], zc, a_grad.T)
                 else:
-                    _mm_into(dz[s:e], doc, w_before)
+                    _mm_into(dz[s:e], do_c, w)
                     dv[s:e].zero_()
                 g_before = p if g is None else p.add_(g)
             else:
-                _mm_into(dz[s:a], do[s:a].to(self.sdt), w_before)
-                do_new, z_new = do[a:e].to(self.sdt), self.zs(a, e)
-                _mm_into(dz[a:e], do_new, ws)
-                g_w.addmm_(do_new.T, z_new)
-                dv[s:l].zero_()
-                if a_grad is not None:
-                    dz[l:e] += self.vs(l, e) @ a_grad
-                    _mm_into(dv[l:e], self.zs(l, e), a_grad.T)
-                    g_w += g
-                else:
-                    dv[l:e].zero_()
+                self._backward_split(ch, do, w, a_grad, dz, dv, g_w)
+                if g is not None:
+                    g_w += g  # the state after a split chunk is weight + update
                 g_before = p
             if i == 0:
                 g_w0 = g_before
             elif ch.reset:
                 g_w += g_before
                 g_before = None
-            g, r = g_before, (None if ch.reset else w_before)
+            g, after = g_before, (None if ch.reset else w)
         return g_w, g_w0
+
+    def _backward_split(self, ch: Chunk, do, w, a_grad, dz, dv, g_w) -> None:
+        """dz, dv and the fresh rows' weight gradient of a chunk holding several documents."""
+        s, f, ls, e = ch.start, ch.fresh, ch.last, ch.end
+        _mm_into(dz[s:f], do[s:f].to(self.sdt), w)
+        do_f, z_f = do[f:e].to(self.sdt), self.zs(f, e)
+        _mm_into(dz[f:e], do_f, self.ws)
+        g_w.addmm_(do_f.T, z_f)
+        dv[s:ls].zero_()
+        if a_grad is None:
+            dv[ls:e].zero_()
+            return
+        dz[ls:e] += self.vs(ls, e) @ a_grad
+        _mm_into(dv[ls:e], self.zs(ls, e), a_grad.T)
 
 
 class _InplaceTTTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, v, weight, initial_state, plans, chunk_size, lr, tau, group, want_final):
+    def forward(ctx, z, v, weight, initial_state, plans, lr, tau, group, want_final):
         sdt = state_dtype(z.dtype)
         B, T, _ = z.shape
         ws = weight.to(sdt)
@@ -200,8 +210,8 @@ class _InplaceTTTFunction(torch.autograd.Function):
         ws = weight.to(sdt)
         if d_out is None:
             d_out = torch.zeros(B, T, weight.shape[0], dtype=z.dtype, device=z.device)
-        dz = torch.empty_like(z)  # every row is written
-        dv = torch.empty_like(v)  # rows without a used update are zeroed by the row walk
+        dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # every row is written
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)  # rows with no used update: zeroed in the walk
         g_w = torch.zeros_like(ws)
         g_init = torch.empty_like(initial_state) if initial_state is not None else None
         for b in range(B):
@@ -214,7 +224,7 @@ class _InplaceTTTFunction(torch.autograd.Function):
                 g_init[b] = gw0_b
             else:
                 g_w += gw0_b
-        return dz, dv, g_w.to(weight.dtype), g_init, None, None, None, None, None, None
+        return dz, dv, g_w.to(weight.dtype), g_init, None, None, None, None, None
 
 
 def inplace_ttt(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk_size: int, lr: float,
@@ -237,5 +247,4 @@ def inplace_ttt(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk
                            max_update_norm=max_update_norm, initial_state=initial_state)
     B, T, _ = z.shape
     plans = [chunk_plan(starts, T, chunk_size) for starts in doc_starts(doc_ids, B)]
-    return _InplaceTTTFunction.apply(z, v, weight, initial_state, plans, chunk_size, lr, tau, norm_group,
-                                     bool(output_final_state))
+    return _InplaceTTTFunction.apply(z, v, weight, initial_state, plans, lr, tau, norm_group, bool(output_final_state))

@@ -101,21 +101,22 @@ def _finite_float(name: str, x) -> float:
 
 
 class Chunk(NamedTuple):
-    """One chunk of one sequence, as token offsets ``s <= a <= e`` and ``s <= l < e``.
+    """One chunk of one sequence as token offsets ``start <= fresh <= end``, ``start <= last < end``.
 
-    Rows ``[s, a)`` are the document running at the chunk start (state carried from earlier
-    chunks, or reset when ``reset``); rows ``[a, e)`` are documents that start inside the chunk
-    (they use ``weight``); rows ``[l, e)`` are the chunk's last document, the only piece whose
-    update can matter later. ``a == e`` iff ``l == s`` (one document). ``start_chunk`` is the chunk
-    where the document of row ``s`` starts; ``first_doc`` says it is the sequence's first document.
+    Rows ``[start, fresh)`` are the document running at the chunk start (its state carried from
+    earlier chunks, or ``weight`` when ``reset``: the document starts exactly at ``start``); rows
+    ``[fresh, end)`` are documents that start inside the chunk (they use ``weight``); rows
+    ``[last, end)`` are the chunk's last document, the only piece whose update can matter later.
+    ``fresh == end`` iff ``last == start`` (one document). ``doc_chunk`` is the chunk where the
+    document of row ``start`` starts; ``first_doc`` says it is the sequence's first document.
     """
 
-    s: int
-    a: int
-    l: int  # noqa: E741
-    e: int
+    start: int
+    fresh: int
+    last: int
+    end: int
     reset: bool
-    start_chunk: int
+    doc_chunk: int
     first_doc: bool
 
 
@@ -136,10 +137,9 @@ def chunk_plan(starts: list[int], T: int, C: int) -> list[Chunk]:
         e = min(s + C, T)
         lo = bisect.bisect_right(starts, s)  # starts[lo:] are > s
         hi = bisect.bisect_left(starts, e)  # starts[lo:hi] lie strictly inside (s, e)
-        a = starts[lo] if lo < hi else e
-        l = starts[hi - 1] if lo < hi else s  # noqa: E741
         p = starts[lo - 1] if lo > 0 else 0  # start of the document of row s
-        plan.append(Chunk(s, a, l, e, reset=(s > 0 and p == s), start_chunk=p // C, first_doc=(p == 0)))
+        plan.append(Chunk(start=s, fresh=starts[lo] if lo < hi else e, last=starts[hi - 1] if lo < hi else s,
+                          end=e, reset=(s > 0 and p == s), doc_chunk=p // C, first_doc=(p == 0)))
     return plan
 
 

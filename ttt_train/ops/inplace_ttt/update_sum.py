@@ -15,6 +15,8 @@ def ttt_update_sum(z: torch.Tensor, v: torch.Tensor, *, chunk_size: int, lr: flo
     float32 (float64 for float64 inputs), differentiable (plain autograd). So the op's final state
     is ``weight + S`` unless the last document is the first one and an ``initial_state`` was given
     (then ``initial_state + S``). ``last_doc_id`` is ``doc_ids[:, -1]`` (0 without ``doc_ids``).
+    Without clipping ``S`` is one GEMM per row; with clipping autograd keeps one ``[d, h]`` product
+    per chunk of the last document (fine for a context-parallel shard of a few chunks).
     """
     lr, tau = check_inputs(z, v, None, chunk_size=chunk_size, lr=lr, doc_ids=doc_ids,
                            max_update_norm=max_update_norm)

@@ -1,0 +1,134 @@
+"""The In-Place TTT MLP as a megatron-core module, and the transformer layer that feeds it.
+
+`TTTMLP` is megatron's gated `MLP` (column-parallel fc1 = [W_gate; W_up], row-parallel fc2 = W_down)
+whose down-projection runs as In-Place TTT: `linear_fc2.weight` is the fast weights' initial value,
+updated chunk by chunk towards the LM-aligned target `V = Conv1D(X) W_target^T`
+(`ttt_train.ops`). Tensor parallelism (METHOD.md 6b): each rank updates its own `[d, h/tp]` slice
+of W_down from its own columns of Z; the target is computed on every rank from the full-sequence
+source and its gradient is summed over the TP group (`copy_to_tensor_model_parallel_region`); the
+clipping norm spans the group; the partial outputs are reduced like a row-parallel fc2 output
+(all-reduce, or reduce-scatter along the sequence with sequence parallelism).
+
+Per-token document ids travel from `GPTModel.forward(..., padding_mask=doc_ids)` down to each MLP
+(megatron-core 0.16.1 routes `padding_mask` through every layer, pipeline stage and activation
+recompute; dense models use it for nothing else). The `input_embed` source travels as the
+transformer block's `context` argument (unused by self-attention-only GPT layers), which
+`TTTTransformerLayer` hands to its MLP; `ttt_train.training.step.forward_step` supplies both.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from ttt_train.layers.ttt_config import TTTConfig
+from ttt_train.ops import LMAlignedTarget, inplace_ttt
+
+
+class TTTTransformerLayer(TransformerLayer):
+    """A megatron `TransformerLayer` that passes the block's `context` (the token embeddings, when
+    the TTT target source is `input_embed`) to its MLP before running the usual forward."""
+
+    def forward(self, *args, **kwargs):
+        self.mlp.target_source = kwargs.get("context")
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.mlp.target_source = None
+
+
+class ReplicatedTarget(LMAlignedTarget):
+    """`LMAlignedTarget` with megatron's checkpoint interface: its parameters are replicated over
+    tensor-parallel ranks (every rank computes the same target)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {},
+                                                   sharded_offsets, tp_group=ps.get_tensor_model_parallel_group(),
+                                                   dp_cp_group=metadata["dp_cp_group"])
+
+
+class TTTMLP(MLP):
+    """Gated MLP with an In-Place TTT down-projection. Input/output `[s, b, d]` (s local under SP).
+
+    Extra parameters: `ttt_target.conv.weight` `[d, 1, k]` and `ttt_target.proj.weight` `[d, d]`,
+    replicated over tensor-parallel ranks.
+    """
+
+    def __init__(self, config, submodules, ttt: TTTConfig, tp_group=None, **kwargs):
+        super().__init__(config, submodules, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp_group, **kwargs)
+        self.ttt = ttt
+        self.ttt_lr = float(ttt.lr)
+        self.target_source = None
+        self.layer_number = None
+        with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
+            self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
+                                                init_std=config.init_method_std, dtype=config.params_dtype)
+        for param in self.ttt_target.parameters():
+            param.sequence_parallel = False
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Called by TransformerLayer (1-based global number); seeds the target's random diagonal
+        from it, so every TP rank and every run draws the same initial W_target."""
+        self.layer_number = layer_number
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1_000_003 * layer_number + 17)
+            self.ttt_target.reset_parameters()
+
+    def _full_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """`[s_local, b, d]` -> `[s, b, d]`: gather along the sequence under sequence parallelism.
+        The backward keeps only this rank's slice (the gradient is already summed over TP)."""
+        if self.config.sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        return x
+
+    def _doc_ids(self, padding_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
+        """Document ids `[b, s]` for the full sequence this rank's MLP sees."""
+        if padding_mask is None:
+            return None
+        doc_ids = padding_mask.long()
+        if doc_ids.shape[1] != seq:  # sequence-parallel scattered by GPTModel
+            doc_ids = tensor_parallel.gather_from_sequence_parallel_region(
+                doc_ids.t().contiguous(), tensor_parallel_output_grad=False).t()
+        if doc_ids.shape[1] != seq:
+            raise ValueError(f"TTT layer {self.layer_number}: doc_ids cover {doc_ids.shape[1]} tokens, "
+                             f"the sequence has {seq}")
+        return doc_ids
+
+    def forward(self, hidden_states, per_token_scale=None, padding_mask=None, **kwargs):
+        """hidden_states `[s, b, d]` (the pre-MLP norm output) -> (output `[s, b, d]`, None)."""
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        gate, up = torch.chunk(intermediate, 2, dim=-1)
+        z = self.config.activation_func(gate) * up  # [S, b, h/tp]
+        seq = z.shape[0]
+        if self.ttt.target == "input_embed":
+            if self.target_source is None:
+                raise RuntimeError(f"TTT layer {self.layer_number} has target=input_embed but received no "
+                                   "token embeddings; call the model through ttt_train.training.step.forward_step")
+            source = self._full_sequence(self.target_source)
+        else:
+            source = self._full_sequence(hidden_states)
+        doc_ids = self._doc_ids(padding_mask, seq)
+        v = self.ttt_target(source.transpose(0, 1), self.ttt.chunk_size, doc_ids)  # [b, S, d]
+        v = tensor_parallel.copy_to_tensor_model_parallel_region(v)
+        tp_group = ps.get_tensor_model_parallel_group()
+        out = self._ttt_down_projection(z.transpose(0, 1), v, doc_ids,
+                                        tp_group if tp_group.size() > 1 else None)  # [b, S, d] partial
+        out = out.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(out)
+        else:
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out)
+        return out, None
+
+    def _ttt_down_projection(self, z, v, doc_ids, norm_group):
+        """z `[b, S, h/tp]`, v `[b, S, d]` -> this rank's partial output `[b, S, d]`."""
+        return inplace_ttt(z, v.to(z.dtype), self.linear_fc2.weight, chunk_size=self.ttt.chunk_size, lr=self.ttt_lr,
+                           doc_ids=doc_ids, max_update_norm=self.ttt.max_update_norm, norm_group=norm_group)
