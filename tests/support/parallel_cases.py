@@ -123,11 +123,11 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
                           (ps.get_data_parallel_rank() + 1) * global_batch // dp)
         local = {k: v[rank_rows] for k, v in batch.items()}
         loss = run_step(chunks, _micro_batches(local, micro_batch), num_microbatches=global_batch // dp // micro_batch,
-                        micro_batch_size=micro_batch, seq_length=seq)["loss"]
+                        micro_batch_size=micro_batch, seq_length=seq // parallel.cp)["loss"]
         grads = full_grads(chunks[0], config)
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         logits = None
-        if parallel.pp == 1:
+        if parallel.pp == 1 and parallel.cp == 1:
             logits = _logits(chunks[0].module, {k: v[:micro_batch] for k, v in batch.items()})
         results.append(dict(layout=layout, loss=loss, grads=grads if keep else {},
                             logits=logits if keep else None))

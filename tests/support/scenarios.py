@@ -102,3 +102,97 @@ def checkpoint_save(root: str) -> bool:
     config = to_transformer_config(model_cfg, parallel)
     save_checkpoint(root, 0, wrap_for_training(build_gpt_model(model_cfg, config), config, DDPConfig()))
     return True
+
+
+def ttt_spec_layers(ttt: dict, pp: int) -> list[int]:
+    """Global indices of this stage's TTT layers in a 12-layer tiny model split over `pp` stages."""
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.layers.ttt_mlp import TTTMLP
+
+    parallel = ParallelConfig(pp=pp)
+    initialize(parallel)
+    model_cfg = load_model_config("tiny", num_layers=12)
+    model = build_gpt_model(model_cfg, to_transformer_config(model_cfg, parallel), ttt=TTTConfig.from_dict(ttt))
+    return [layer.layer_number - 1 for layer in model.decoder.layers if isinstance(layer.mlp, TTTMLP)]
+
+
+def ttt_drop_in(target: str) -> dict:
+    """A 12-layer model with TTT every 6 layers, freshly initialised, against the same model without TTT."""
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.layers.ttt_mlp import TTTMLP
+    from ttt_train.training.step import model_inputs
+
+    parallel = ParallelConfig()
+    initialize(parallel)
+    model_cfg = load_model_config("tiny", num_layers=12)
+    torch.manual_seed(5)
+    base = build_gpt_model(model_cfg, to_transformer_config(model_cfg, parallel))
+    torch.manual_seed(5)
+    ttt = build_gpt_model(model_cfg, to_transformer_config(model_cfg, parallel),
+                          ttt=TTTConfig(every=6, chunk_size=8, lr=3.0, target=target))
+    batch = make_batch(2, 2, 64, model_cfg.vocab_size, with_docs=True)
+    no_docs = {k: v for k, v in batch.items() if k != "doc_ids"}
+    with torch.no_grad():
+        ref = base(batch["tokens"], batch["position_ids"], None)
+        plain = ttt(batch["tokens"], batch["position_ids"], None, **model_inputs(ttt, no_docs))
+        with_docs = ttt(batch["tokens"], batch["position_ids"], None, **model_inputs(ttt, batch))
+    loss = ttt(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **model_inputs(ttt, batch))
+    loss.float().mean().backward()
+    mlps = [layer.mlp for layer in ttt.decoder.layers if isinstance(layer.mlp, TTTMLP)]
+    return dict(bitwise_equal_no_docs=torch.equal(plain, ref), max_diff_no_docs=(plain - ref).abs().max().item(),
+                max_diff_docs=(with_docs - ref).abs().max().item(),
+                conv_grad=min(m.ttt_target.conv.weight.grad.abs().max().item() for m in mlps),
+                proj_grad=max(m.ttt_target.proj.weight.grad.abs().max().item() for m in mlps),
+                ttt_layers=[layer.layer_number - 1 for layer in ttt.decoder.layers if isinstance(layer.mlp, TTTMLP)])
+
+
+def _depthwise_conv_per_chunk_f64(x, weight, chunk, doc_ids):
+    """Independent float64 target convolution: y_t = sum_j w[:, j+p] x_{t+j}, same chunk and document only."""
+    B, T, d = x.shape
+    p = weight.shape[-1] // 2
+    y = torch.zeros_like(x)
+    for b in range(B):
+        for t in range(T):
+            for j in range(-p, p + 1):
+                s = t + j
+                if 0 <= s < T and s // chunk == t // chunk and doc_ids[b, s] == doc_ids[b, t]:
+                    y[b, t] += weight[:, 0, j + p] * x[b, s]
+    return y
+
+
+def ttt_mlp_vs_float64() -> dict:
+    """One TTTMLP (float64 parameters) against a re-computation from its weights with the reference op."""
+    import torch.nn.functional as F
+
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.layers.ttt_mlp import TTTMLP
+    from ttt_train.ops import inplace_ttt_reference
+
+    parallel = ParallelConfig()
+    initialize(parallel)
+    model_cfg = load_model_config("tiny", num_layers=1)
+    config = to_transformer_config(model_cfg, parallel)
+    config.params_dtype = torch.float64
+    ttt_cfg = TTTConfig(layers=[0], chunk_size=8, lr=2.0, max_update_norm=0.5)
+    model = build_gpt_model(model_cfg, config, ttt=ttt_cfg).double()
+    mlp = model.decoder.layers[0].mlp
+    assert isinstance(mlp, TTTMLP)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mlp.ttt_target.conv.weight.copy_(torch.randn(mlp.ttt_target.conv.weight.shape, generator=g, dtype=torch.float64))
+        mlp.ttt_target.proj.weight.add_(0.1 * torch.randn(mlp.ttt_target.proj.weight.shape, generator=g,
+                                                          dtype=torch.float64))
+    x = torch.randn(30, 2, model_cfg.hidden_size, generator=g, dtype=torch.float64)  # [s, b, d]
+    doc_ids = torch.tensor([[0] * 11 + [1] * 19, [0] * 30])
+    with torch.no_grad():
+        out, _ = mlp(x, padding_mask=doc_ids)
+        w1 = mlp.linear_fc1.weight
+        gate, up = (x @ w1.T).chunk(2, dim=-1)
+        z = (F.silu(gate) * up).transpose(0, 1)
+        v = _depthwise_conv_per_chunk_f64(x.transpose(0, 1), mlp.ttt_target.conv.weight, 8, doc_ids)
+        v = v @ mlp.ttt_target.proj.weight.T
+        ref = inplace_ttt_reference(z, v, mlp.linear_fc2.weight, chunk_size=8, lr=2.0, doc_ids=doc_ids,
+                                    max_update_norm=0.5).transpose(0, 1)
+        plain = z.transpose(0, 1) @ mlp.linear_fc2.weight.T
+    return dict(out_rel_err=((out - ref).abs().max() / ref.abs().max()).item(),
+                changed_by_ttt=((ref - plain).abs().max() / plain.abs().max()).item())

@@ -70,6 +70,10 @@ def block_spec(config, *, backend: str = "local", ttt: TTTConfig | None = None, 
     if backend not in BACKENDS:
         raise ValueError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
     base = local_layer_spec(config.qk_layernorm) if backend == "local" else te_layer_spec(config.qk_layernorm)
+    if backend == "local" and config.context_parallel_size > 1:
+        from ttt_train.layers.cp_attention import GatherKVAttention
+
+        base.submodules.self_attention.submodules.core_attention = GatherKVAttention
     ttt_layers = set(ttt.layer_indices(config.num_layers)) if ttt is not None else set()
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -25,7 +25,8 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ttt_train.layers.ttt_config import TTTConfig
-from ttt_train.ops import LMAlignedTarget, inplace_ttt
+from ttt_train.ops import LMAlignedTarget, inplace_ttt, ttt_update_sum
+from ttt_train.ops.cp_scan import bytes_sent_per_call, cp_exclusive_scan, validate_cp_alignment
 
 
 class TTTTransformerLayer(TransformerLayer):
@@ -66,6 +67,7 @@ class TTTMLP(MLP):
         self.ttt_lr = float(ttt.lr)
         self.target_source = None
         self.layer_number = None
+        self.scan_bytes_per_step = 0  # bytes this rank sent in the last context-parallel scan (fwd + bwd)
         with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
             self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
                                                 init_std=config.init_method_std, dtype=config.params_dtype)
@@ -130,5 +132,37 @@ class TTTMLP(MLP):
 
     def _ttt_down_projection(self, z, v, doc_ids, norm_group):
         """z `[b, S, h/tp]`, v `[b, S, d]` -> this rank's partial output `[b, S, d]`."""
-        return inplace_ttt(z, v.to(z.dtype), self.linear_fc2.weight, chunk_size=self.ttt.chunk_size, lr=self.ttt_lr,
-                           doc_ids=doc_ids, max_update_norm=self.ttt.max_update_norm, norm_group=norm_group)
+        kwargs = dict(chunk_size=self.ttt.chunk_size, lr=self.ttt_lr, max_update_norm=self.ttt.max_update_norm,
+                      norm_group=norm_group)
+        cp_group = ps.get_context_parallel_group()
+        if cp_group.size() == 1:
+            return inplace_ttt(z, v.to(z.dtype), self.linear_fc2.weight, doc_ids=doc_ids, **kwargs)
+        return self._context_parallel_ttt(z, v.to(z.dtype), doc_ids, cp_group, kwargs)
+
+    def _context_parallel_ttt(self, z, v, doc_ids, cp_group, kwargs):
+        """In-Place TTT on this rank's two load-balanced shards (METHOD.md section 6).
+
+        Each shard's own update sum (of its last document) enters the distributed exclusive scan;
+        the prefix a shard receives becomes its `initial_state` (weight + prefix) when the shard's
+        first token continues the document the prefix ends in, else the shard starts from `weight`.
+        """
+        cp = cp_group.size()
+        seq = z.shape[1]
+        validate_cp_alignment(seq * cp, cp, self.ttt.chunk_size)
+        if doc_ids is None:
+            doc_ids = torch.zeros(z.shape[0], seq, dtype=torch.long, device=z.device)
+        shards = (slice(0, seq // 2), slice(seq // 2, seq))
+        keys, sums = zip(*(ttt_update_sum(z[:, s], v[:, s], doc_ids=doc_ids[:, s], **kwargs) for s in shards))
+        sums = torch.stack(sums)
+        prefix_keys, prefix_sums, _ = cp_exclusive_scan(torch.stack(keys), sums, group=cp_group,
+                                                        layout="load_balanced")
+        self.scan_bytes_per_step = bytes_sent_per_call(tuple(sums.shape[1:]), cp, "load_balanced",
+                                                       sums.dtype).max_per_rank
+        weight = self.linear_fc2.weight
+        outputs = []
+        for i, shard in enumerate(shards):
+            continues = (prefix_keys[i] == doc_ids[:, shard][:, 0]).to(prefix_sums.dtype)
+            initial = weight.to(prefix_sums.dtype) + continues[:, None, None] * prefix_sums[i]
+            outputs.append(inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
+                                       initial_state=initial, **kwargs))
+        return torch.cat(outputs, dim=1)

@@ -42,11 +42,25 @@ def model_inputs(model, batch: dict) -> dict:
     return kwargs
 
 
+def split_for_context_parallel(batch: dict) -> dict:
+    """This CP rank's part of a full-sequence batch (megatron's load-balanced shards r and 2*CP-1-r).
+
+    Document ids are global (computed on the whole sequence), so fast-weight resets and the
+    context-parallel scan agree across ranks.
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None})
+
+
 def forward_step(data_iterator: Iterator[dict], model):
-    """megatron `forward_step_func`: run the model on the next micro-batch, return (output, loss_func)."""
+    """megatron `forward_step_func`: run the model on the next micro-batch, return (output, loss_func).
+
+    Micro-batches hold whole sequences; under context parallelism each rank keeps its shards.
+    """
     from functools import partial
 
-    batch = next(data_iterator)
+    batch = split_for_context_parallel(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    **model_inputs(model, batch))
     return output, partial(_loss_func, batch["loss_mask"])

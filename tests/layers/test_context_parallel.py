@@ -1,0 +1,45 @@
+"""Context parallelism of the whole tiny TTT model (local spec, gathered-K/V attention, distributed
+prefix scan of the fast-weight updates): CP=2, CP=4 and CP=2 x TP=2 give the loss and every gradient
+of CP=1 on the same packed batch with document boundaries. Misaligned shards are refused."""
+
+import pytest
+
+from tests.layers.test_ttt_parallel import _merge, _rel_err
+from tests.support.parallel_cases import equivalence_case
+from ttt_train.runtime.local_ranks import LocalRanksError, run_local_ranks
+
+TTT = dict(layers=[0, 2], chunk_size=8, lr=1.0, target="hidden_states", max_update_norm=0.3)
+
+
+def _check(case):
+    ref = case[0]
+    assert any("ttt_target" in n for n in ref["grads"])
+    for other in case[1:]:
+        assert abs(other["loss"] - ref["loss"]) <= 2e-6 * abs(ref["loss"]), (other["layout"], other["loss"], ref["loss"])
+        assert set(other["grads"]) == set(ref["grads"]), other["layout"]
+        for name, grad in ref["grads"].items():
+            assert _rel_err(other["grads"][name], grad) < 2e-5, (other["layout"], name)
+
+
+@pytest.mark.slow
+def test_cp2_matches_cp1(tmp_path):
+    layouts = [dict(), dict(cp=2)]
+    per_rank = run_local_ranks(equivalence_case, 2, layouts, str(tmp_path), "tiny", 64, 4, 2, 3, None, TTT, True,
+                               timeout=600)
+    _check(_merge(per_rank, layouts))
+
+
+@pytest.mark.slow
+def test_cp4_and_cp2_tp2_match_cp1(tmp_path):
+    layouts = [dict(), dict(cp=4), dict(cp=2, tp=2)]
+    per_rank = run_local_ranks(equivalence_case, 4, layouts, str(tmp_path), "tiny", 64, 4, 2, 3,
+                               dict(sliding_window=24), dict(TTT, target="input_embed"), True, timeout=900)
+    _check(_merge(per_rank, layouts))
+
+
+@pytest.mark.slow
+def test_misaligned_chunks_are_refused(tmp_path):
+    bad = dict(TTT, chunk_size=12)  # shard length 64 / (2*2) = 16 is not a multiple of 12
+    with pytest.raises(LocalRanksError, match=r"(?s)chunk_size.*12.*16|16.*chunk_size"):
+        run_local_ranks(equivalence_case, 2, [dict(cp=2)], str(tmp_path), "tiny", 64, 4, 2, 3, None, bad, True,
+                        timeout=300)
