@@ -32,7 +32,9 @@ def token_dtype(vocab_size: int) -> type[numpy.number]:
 
 
 def write_documents(prefix: str, documents: Iterable, dtype: type[numpy.number]) -> tuple[int, int]:
-    """Write each document (1-D int array-like) as one sequence; returns (documents, tokens)."""
+    """Write each document (1-D int array-like) as one sequence; returns (documents, tokens).
+    The prefix's folder is created if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     num_docs = num_tokens = 0
     for doc in documents:

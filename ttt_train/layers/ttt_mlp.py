@@ -18,6 +18,8 @@ transformer block's `context` argument (unused by self-attention-only GPT layers
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
@@ -27,6 +29,17 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.ops import LMAlignedTarget, inplace_ttt, ttt_update_sum
 from ttt_train.ops.cp_scan import bytes_sent_per_call, cp_exclusive_scan, validate_cp_alignment
+
+
+class _KnownMLPFilter(logging.Filter):
+    """megatron's TransformerLayer logs "Unknown MLP type" for any MLP class but its own; TTTMLP is a
+    subclass of megatron's MLP that resolves its TP group the same way, so that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger(TransformerLayer.__module__).addFilter(_KnownMLPFilter())
 
 
 class TTTTransformerLayer(TransformerLayer):

@@ -156,7 +156,6 @@ def apply(skip: tuple[str, ...] = ()) -> list[str]:
     unknown = skip - set(PATCH_IDS)
     if unknown:
         raise ValueError(f"TTT_CPU_COMPAT_SKIP names unknown patches {sorted(unknown)}; known: {PATCH_IDS}")
-    import ttt_train.runtime.quiet  # noqa: F401
     for patch_id in PATCH_IDS:
         if patch_id not in skip and patch_id not in _applied:
             _apply_one(patch_id)

@@ -24,7 +24,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-_PRELOAD = ["torch", "torch.distributed", "ttt_train.runtime.quiet"]
+_PRELOAD = ["ttt_train.runtime.quiet", "torch", "torch.distributed", "megatron.core.models.gpt.gpt_model",
+            "megatron.core.optimizer", "megatron.core.pipeline_parallel"]
 
 
 def free_port() -> int:

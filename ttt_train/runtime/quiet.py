@@ -1,19 +1,14 @@
-"""Silence megatron-core's import-time notices about missing GPU extras (expected on a CPU).
+"""Silence notices that are expected in this project's set-up (imported by `ttt_train/__init__.py`).
 
-Importing this module installs the filters and then imports the megatron modules that every
-rank needs, so that a forkserver that preloads it hands warm, quiet processes to its children.
+megatron-core 0.16.1 warns at import time that transformer-engine / Apex are absent (always true on
+a CPU), and calls torch.distributed functions that torch 2.13 marks deprecated. Nothing else is
+filtered. Importing this module imports no megatron code.
 """
 
 import warnings
 
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
-
-try:
-    import megatron.core.models.gpt.gpt_model  # noqa: F401,E402
-    import megatron.core.optimizer  # noqa: F401,E402
-    import megatron.core.pipeline_parallel  # noqa: F401,E402
-except ImportError:  # ops-only use without megatron
-    pass
