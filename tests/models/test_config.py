@@ -54,3 +54,25 @@ def test_vocab_padding_must_divide_tp():
     cfg = load_model_config("tiny", make_vocab_size_divisible_by=3)
     with pytest.raises(ValueError, match="does not divide over tp=2"):
         padded_vocab_size(cfg, 2)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_translate_to_megatron_config(name):
+    from ttt_train.models import to_transformer_config
+
+    model = load_model_config(name)
+    config = to_transformer_config(model, ParallelConfig(tp=8 if model.num_query_groups % 8 == 0 else 1))
+    assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (
+        model.num_layers, model.hidden_size, model.ffn_hidden_size)
+    assert config.kv_channels == model.kv_channels and config.num_query_groups == model.num_query_groups
+    assert config.qk_layernorm == model.qk_layernorm and config.gated_linear_unit
+    assert config.window_size == ((model.sliding_window - 1, 0) if model.sliding_window else None)
+
+
+def test_yarn_fields_reach_megatron_config():
+    from ttt_train.models import to_transformer_config
+
+    model = load_model_config("qwen3_4b", yarn={"factor": 4.0, "original_max_position_embeddings": 32768},
+                              max_position_embeddings=131072)
+    config = to_transformer_config(model, ParallelConfig())
+    assert config.yarn_rotary_scaling_factor == 4.0 and config.yarn_original_max_position_embeddings == 32768

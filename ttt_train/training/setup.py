@@ -25,7 +25,11 @@ def wrap_for_training(model, config, ddp: DDPConfig):
     Sets `config.no_sync_func`, `config.finalize_model_grads_func` (and `grad_sync_func` when
     overlapping) so `get_forward_backward_func()` handles gradient reduction.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     if config.bf16:
         from megatron.core.transformer.module import Float16Module

@@ -113,6 +113,7 @@ class _Row:
         after = None  # the state after chunk i, when known (chunk i + 1 not a reset)
         g_w = torch.zeros_like(ws)
         g_w0 = None
+        wa = ws.new_empty(2 * d, ws.shape[1])  # [W^(i); A_i], the right operand of the merged dZ GEMM
         for i in reversed(range(n)):
             ch = plan[i]
             s, f, e = ch.start, ch.fresh, ch.end
@@ -135,22 +136,32 @@ class _Row:
             us, k = _clip(m, g, lr, tau, self.group) if m is not None else (lr, None)
             a_grad = None  # gradient w.r.t. M
             if g is not None:
-                a_grad = lr * g if tau is None else us * (g - k * m)
+                a_grad = wa[d:]
+                if tau is None:
+                    torch.mul(g, lr, out=a_grad)
+                else:
+                    torch.addcmul(g, m, k, value=-1, out=a_grad).mul_(us)
             if i == n - 1:
                 w = saved
             elif i == 0:
                 w = self.w0
             elif ch.reset:
                 w = ws
-            elif rewind:
-                w = after - us * m if tau is not None else torch.sub(after, m, alpha=lr)
+            elif rewind:  # W^(i) = W^(i+1) - u_i, in place when W^(i+1) is already in the buffer
+                w = wa[:d]
+                if tau is None:
+                    torch.sub(after, m, alpha=lr, out=w)
+                else:
+                    torch.addcmul(after, m, us, value=-1, out=w)
             else:
                 w = self.resum(i)
             if single:
                 if a_grad is not None:  # dZ = [dO, V] [W; A], dV = Z A^T
+                    if not rewind:
+                        w = wa[:d].copy_(w)
                     if y is None:
                         y = torch.cat([do_c, self.vs(s, e)], dim=1)
-                    _mm_into(dz[s:e], y, torch.cat([w, a_grad]))
+                    _mm_into(dz[s:e], y, wa)
                     _mm_into(dv[s:e], zc, a_grad.T)
                 else:
                     _mm_into(dz[s:e], do_c, w)
