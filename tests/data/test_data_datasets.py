@@ -61,7 +61,7 @@ def config(data, tmp_path, **overrides) -> DataConfig:
         (lambda a: {"split": "90;10"}, "'split'"),
         (lambda a: {"tokenizer": "/no/tokenizer"}, "'tokenizer': /no/tokenizer not found"),
         (lambda a: {"eod_mask_loss": "yes"}, "'eod_mask_loss'"),
-        (lambda a: {"seqlen": 5}, "unknown key(s) seqlen"),
+        (lambda a: {"seqlen": 5}, "unknown data config keys ['seqlen']"),
     ],
 )
 def test_config_errors_name_the_key(data, tmp_path, overrides, message):

@@ -4,8 +4,7 @@ of CP=1 on the same packed batch with document boundaries. Misaligned shards are
 
 import pytest
 
-from tests.layers.test_ttt_parallel import _merge, _rel_err
-from tests.support.parallel_cases import equivalence_case
+from tests.support.parallel_cases import equivalence_case, merge_ranks, rel_err
 from ttt_train.runtime.local_ranks import LocalRanksError, run_local_ranks
 
 TTT = dict(layers=[0, 2], chunk_size=8, lr=1.0, target="hidden_states", max_update_norm=0.3)
@@ -18,7 +17,7 @@ def _check(case):
         assert abs(other["loss"] - ref["loss"]) <= 2e-6 * abs(ref["loss"]), (other["layout"], other["loss"], ref["loss"])
         assert set(other["grads"]) == set(ref["grads"]), other["layout"]
         for name, grad in ref["grads"].items():
-            assert _rel_err(other["grads"][name], grad) < 2e-5, (other["layout"], name)
+            assert rel_err(other["grads"][name], grad) < 2e-5, (other["layout"], name)
 
 
 @pytest.mark.slow
@@ -26,7 +25,7 @@ def test_cp2_matches_cp1(tmp_path):
     layouts = [dict(), dict(cp=2)]
     per_rank = run_local_ranks(equivalence_case, 2, layouts, str(tmp_path), "tiny", 64, 4, 2, 3, None, TTT, True,
                                timeout=600)
-    _check(_merge(per_rank, layouts))
+    _check(merge_ranks(per_rank, layouts))
 
 
 @pytest.mark.slow
@@ -34,7 +33,7 @@ def test_cp4_and_cp2_tp2_match_cp1(tmp_path):
     layouts = [dict(), dict(cp=4), dict(cp=2, tp=2)]
     per_rank = run_local_ranks(equivalence_case, 4, layouts, str(tmp_path), "tiny", 64, 4, 2, 3,
                                dict(sliding_window=24), dict(TTT, target="input_embed"), True, timeout=900)
-    _check(_merge(per_rank, layouts))
+    _check(merge_ranks(per_rank, layouts))
 
 
 @pytest.mark.slow

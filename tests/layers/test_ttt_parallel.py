@@ -6,7 +6,7 @@ exercised too."""
 
 import pytest
 
-from tests.support.parallel_cases import equivalence_case
+from tests.support.parallel_cases import equivalence_case, merge_ranks, rel_err
 from ttt_train.runtime.local_ranks import run_local_ranks
 
 LAYOUTS = [dict(), dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2)]
@@ -16,29 +16,13 @@ CASES = {
 }
 
 
-def _merge(per_rank, layouts):
-    merged = []
-    for i, layout in enumerate(layouts):
-        grads = {}
-        for rank in per_rank:
-            grads.update(rank[i]["grads"])
-        losses = [r[i]["loss"] for r in per_rank if r[i]["loss"] is not None]
-        logits = next((r[i]["logits"] for r in per_rank if r[i]["logits"] is not None), None)
-        merged.append(dict(layout=layout, loss=losses[0], grads=grads, logits=logits))
-    return merged
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     ttt = CASES[request.param]
     layouts = LAYOUTS if ttt["target"] == "hidden_states" else LAYOUTS[:3]  # input_embed: TTT on stage 0 only
     per_rank = run_local_ranks(equivalence_case, 2, layouts, str(tmp_path_factory.mktemp("ckpt")), "tiny", 32,
                                4, 2, 11, None, ttt, True, timeout=600)
-    return _merge(per_rank, layouts)
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+    return merge_ranks(per_rank, layouts)
 
 
 @pytest.mark.slow
@@ -50,6 +34,6 @@ def test_ttt_layouts_match_tp1(case):
         assert abs(other["loss"] - ref["loss"]) <= 2e-6 * abs(ref["loss"]), other["layout"]
         assert set(other["grads"]) - {"output_layer.weight"} == set(ref["grads"]), other["layout"]
         for name, grad in ref["grads"].items():
-            assert _rel_err(other["grads"][name], grad) < 2e-5, (other["layout"], name)
+            assert rel_err(other["grads"][name], grad) < 2e-5, (other["layout"], name)
         if other["logits"] is not None:
             assert (other["logits"] - ref["logits"]).abs().max().item() < 2e-5, other["layout"]

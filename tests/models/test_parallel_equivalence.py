@@ -7,7 +7,7 @@ same global batch. Tolerances are float32 round-off.
 
 import pytest
 
-from tests.support.parallel_cases import equivalence_case
+from tests.support.parallel_cases import equivalence_case, merge_ranks, rel_err
 from ttt_train.runtime.local_ranks import run_local_ranks
 
 LAYOUTS = [dict(), dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2)]
@@ -16,19 +16,7 @@ LAYOUTS = [dict(), dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2)]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     per_rank = run_local_ranks(equivalence_case, 2, LAYOUTS, str(tmp_path_factory.mktemp("ckpt")), timeout=600)
-    merged = []
-    for i, layout in enumerate(LAYOUTS):
-        grads = {}
-        for rank in per_rank:
-            grads.update(rank[i]["grads"])
-        losses = [r[i]["loss"] for r in per_rank if r[i]["loss"] is not None]
-        logits = next((r[i]["logits"] for r in per_rank if r[i]["logits"] is not None), None)
-        merged.append(dict(layout=layout, loss=losses[0], grads=grads, logits=logits))
-    return merged
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+    return merge_ranks(per_rank, LAYOUTS)
 
 
 @pytest.mark.slow
@@ -41,7 +29,7 @@ def test_loss_and_gradients_match_tp1(results, index):
     assert other_names == names
     for name in names:
         assert ref["grads"][name].abs().max() > 0, name
-        assert _rel_err(other["grads"][name], ref["grads"][name]) < 1e-5, name
+        assert rel_err(other["grads"][name], ref["grads"][name]) < 1e-5, name
 
 
 @pytest.mark.slow

@@ -133,3 +133,22 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
                             logits=logits if keep else None))
         del chunks
     return results
+
+
+def merge_ranks(per_rank: list[list[dict]], layouts: list[dict]) -> list[dict]:
+    """Combine what each rank returned from `equivalence_case` into one result per layout:
+    the loss (from a last pipeline stage), all gradients, and logits where a rank had them."""
+    merged = []
+    for i, layout in enumerate(layouts):
+        grads = {}
+        for rank in per_rank:
+            grads.update(rank[i]["grads"])
+        losses = [r[i]["loss"] for r in per_rank if r[i]["loss"] is not None]
+        logits = next((r[i]["logits"] for r in per_rank if r[i]["logits"] is not None), None)
+        merged.append(dict(layout=layout, loss=losses[0], grads=grads, logits=logits))
+    return merged
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import numpy
 import torch
-from omegaconf import OmegaConf
 
+from ttt_train.config_keys import checked_mapping
 from ttt_train.data import indexed
 from ttt_train.data.documents import document_ids_from_tokens
 from ttt_train.data.tokenizer import Tokenizer, load_tokenizer
@@ -71,13 +71,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping) -> DataConfig:
         """From a mapping or an OmegaConf node; `blend` entries are {path, weight} or a path."""
-        cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(
-                f"data config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        cfg = checked_mapping(cls, cfg, "data")
         for key in ("blend", "seq_length"):
             if key not in cfg:
                 raise ValueError(f"data config: missing key {key!r}")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+
+from ttt_train.config_keys import checked_mapping
 
 TARGETS = ("hidden_states", "input_embed")
 
@@ -35,11 +36,7 @@ class TTTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TTTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ttt config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return cls(**checked_mapping(cls, values, "ttt"))
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """Validated global indices of the TTT layers in a model of `num_layers` layers."""

@@ -7,12 +7,13 @@ reads one. Values are validated once, in `validate()`, with errors that name the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ttt_train.config_keys import checked_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -89,11 +90,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
         """Build from a plain mapping (YAML, Hydra); unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
-        values = dict(values)
+        values = checked_mapping(cls, values, "model")
         if values.get("yarn") is not None and not isinstance(values["yarn"], YarnConfig):
             values["yarn"] = YarnConfig(**values["yarn"])
         return cls(**values).validate()
