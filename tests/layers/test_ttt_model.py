@@ -68,3 +68,10 @@ def test_input_embed_refused_on_later_pipeline_stage():
 
     with pytest.raises(LocalRanksError, match="ttt.target=input_embed.*pipeline stage after the first"):
         run_local_ranks(ttt_spec_layers, 2, dict(every=6, target="input_embed"), 2, timeout=300)
+
+
+def test_te_backend_without_transformer_engine_says_what_to_install():
+    from ttt_train.layers.specs import te_layer_spec
+
+    with pytest.raises(RuntimeError, match=r"model\.backend=te needs transformer-engine.*\[gpu\]"):
+        te_layer_spec(qk_layernorm=True)

@@ -36,8 +36,13 @@ def local_layer_spec(qk_layernorm: bool) -> ModuleSpec:
 
 def te_layer_spec(qk_layernorm: bool) -> ModuleSpec:
     """megatron's transformer-engine GPT layer spec (GPU fast path; imports transformer-engine lazily)."""
+    import importlib.util
+
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise RuntimeError("model.backend=te needs transformer-engine (pip install -e '.[gpu]' on a GPU machine); "
+                           "use model.backend=local without it")
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 

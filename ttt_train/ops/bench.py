@@ -1,14 +1,20 @@
 """Benchmark of the In-Place TTT down-projection (fwd+bwd) against plain and materialised forms.
 
 ``python -m ttt_train.ops.bench --json [--T 8192 --d 512 --h 1536 --chunk 1024 --dtype float32
---threads 2]`` prints one JSON object: median fwd+bwd milliseconds of a plain down-projection
-(``Z W^T``; ``*_min_ms``: the fastest round), a plain SwiGLU MLP (fused gate/up), the TTT down-projection (:func:`inplace_ttt`), a
-SwiGLU MLP whose down-projection is the TTT one (``v`` an input), and the materialised TTT
-formulation (:func:`materialized_ttt`: per-chunk weights from a cumsum of every ``dW_i``, one
-batched matmul), the ratios ``ttt_over_plain_mlp`` (TTT MLP / plain MLP) and
-``ttt_over_materialized`` (TTT / materialised down-projection), and each variant's peak extra
-memory, measured (see ``memory_method``) over one fwd+bwd with the inputs already allocated.
-Timing rounds interleave the variants (the machine may be shared).
+--threads 2]`` prints one JSON object with the median fwd+bwd milliseconds (``*_ms``; the fastest
+round as ``*_min_ms``) of:
+
+- ``plain_down``: a plain down-projection ``Z W^T``;
+- ``plain_mlp``: a plain SwiGLU MLP (fused gate/up);
+- ``ttt_down``: the TTT down-projection (:func:`inplace_ttt`);
+- ``ttt_mlp``: the SwiGLU MLP with the TTT down-projection (``v`` an input);
+- ``materialized_down``: the materialised formulation (:func:`materialized_ttt`: per-chunk weights
+  from a cumsum of every ``dW_i``, one batched matmul; it never clips).
+
+Ratios: ``ttt_over_plain_mlp`` (TTT MLP / plain MLP), ``ttt_over_materialized`` (TTT /
+materialised down-projection). ``*_peak_extra_mib``: each variant's peak extra memory, measured
+(see ``memory_method``) over one fwd+bwd with the inputs already allocated. Timing rounds
+interleave the variants, so that a shared machine disturbs them alike.
 """
 
 from __future__ import annotations
