@@ -149,8 +149,9 @@ class _CountSends:
         dist.isend = self._orig
 
 
-def _check_scan(group, layout, kind, seed, b=2, d=3, h=2, dtype=F64):
-    """Run the ring scan on this rank's slice of a global case; return errors vs the reference."""
+def _check_scan(group, layout, kind, seed, b=2, d=3, h=2, dtype=F64, late=False):
+    """Run the ring scan on this rank's slice of a global case; return errors vs the reference.
+    With `late`, the rank's last segment sum is produced by while_waiting (late sums)."""
     cp, r = dist.get_world_size(group), dist.get_rank(group)
     n = num_segments(cp, layout)
     keys, sums, w = _case(seed, n, b, d, h, kind, dtype)
@@ -161,8 +162,12 @@ def _check_scan(group, layout, kind, seed, b=2, d=3, h=2, dtype=F64):
     local = sums[idx].clone().requires_grad_()
     calls = []
     with _CountSends() as fwd:
-        pk, ps, extra = cp_exclusive_scan(keys[idx], local, group=group, layout=layout,
-                                          while_waiting=lambda: calls.append(1) or local * 2)
+        if late and len(idx) > 1:
+            pk, ps, extra = cp_exclusive_scan(keys[idx], [local[0], None], group=group, layout=layout,
+                                              while_waiting=lambda: (calls.append(1) or local * 2, [local[1] * 1]))
+        else:
+            pk, ps, extra = cp_exclusive_scan(keys[idx], local, group=group, layout=layout,
+                                              while_waiting=lambda: calls.append(1) or local * 2)
     with _CountSends() as bwd:
         (w[idx] * ps).sum().backward()
     acc = bytes_sent_per_call((b, d, h), cp, layout, dtype)
@@ -185,6 +190,7 @@ def _rank_main(world):
             out[("world", layout, kind)] = _check_scan(None, layout, kind, seed=100 + world)
         out[("world_f32_b1", layout)] = _check_scan(None, layout, "random", seed=7, b=1, d=4, h=3,
                                                     dtype=torch.float32)
+        out[("world", layout, "late")] = _check_scan(None, layout, "pattern", seed=200 + world, late=True)
     # subgroups: world 4 -> TP=2 x CP=2 (CP groups {0,2} and {1,3}); world 2 -> two CP groups of 1
     if world in (2, 4):
         tp = world // 2
@@ -204,6 +210,12 @@ def _rank_main(world):
     cp_exclusive_scan(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, 1, 1), layout="contiguous",
                       while_waiting=lambda: stamps.setdefault("ww", time.time()))
     out["timing"] = (t0, stamps["ww"])
+    # late sums must be trailing, with a producer
+    try:
+        cp_exclusive_scan(torch.zeros(2, 1, dtype=torch.int64), [None, torch.ones(1, 1, 1)])
+        out["bad_late"] = "accepted"
+    except ValueError as e:
+        out["bad_late"] = str(e)
     # bad shapes are refused
     try:
         cp_exclusive_scan(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, 1, 1))
@@ -232,7 +244,7 @@ def _scan_results(world, prefix):
 @pytest.mark.parametrize("world", WORLDS)
 def test_ring_forward_matches_reference(world):
     results = _scan_results(world, ("world", "world_f32_b1"))
-    assert len(results) == world * 8
+    assert len(results) == world * 10
     bad = [(r, key, v) for r, key, v in results if not (v["keys_equal"] and v["shapes"] and v["fwd_err"] <= (
         1e-12 if key[0] == "world" else 1e-5))]
     assert not bad, bad
@@ -259,6 +271,7 @@ def test_while_waiting_called_once_and_returned(world):
     t0, ww_rank1 = res[1]["timing"]
     assert ww_rank1 - t0 < 0.4, res[1]["timing"]
     assert all("keys must be int64 [m=2, B]" in x["bad_shape"] for x in res)
+    assert all("only trailing entries of `sums` may be None" in x["bad_late"] for x in res)
 
 
 @pytest.mark.slow

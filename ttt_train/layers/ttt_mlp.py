@@ -27,7 +27,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ttt_train.layers.ttt_config import TTTConfig
-from ttt_train.ops import LMAlignedTarget, inplace_ttt, ttt_update_sum
+from ttt_train.ops import LMAlignedTarget, inplace_ttt
 from ttt_train.ops.cp_scan import bytes_sent_per_call, cp_exclusive_scan, validate_cp_alignment
 
 
@@ -158,9 +158,13 @@ class TTTMLP(MLP):
     def _context_parallel_ttt(self, z, v, doc_ids, cp_group, kwargs):
         """In-Place TTT on this rank's two load-balanced shards (METHOD.md section 6).
 
-        Each shard's own update sum (of its last document) enters the distributed exclusive scan;
-        the prefix a shard receives becomes its `initial_state` (weight + prefix) when the shard's
-        first token continues the document the prefix ends in, else the shard starts from `weight`.
+        Each shard first runs from `weight` alone: its output and its own update sum (final state
+        minus weight: the updates of its last document) need nothing from other ranks. The sums go
+        through the distributed exclusive scan, and the second shard's run overlaps the wait for
+        the scan's first pass (its sum is first needed on the return pass). A shard whose first
+        token continues the document its received prefix P ends in then adds `Z P^T` on that
+        document's tokens: exactly the run from initial state `weight + P`, since updates add up
+        and clipping acts per chunk.
         """
         cp = cp_group.size()
         seq = z.shape[1]
@@ -168,17 +172,30 @@ class TTTMLP(MLP):
         if doc_ids is None:
             doc_ids = torch.zeros(z.shape[0], seq, dtype=torch.long, device=z.device)
         shards = (slice(0, seq // 2), slice(seq // 2, seq))
-        keys, sums = zip(*(ttt_update_sum(z[:, s], v[:, s], doc_ids=doc_ids[:, s], **kwargs) for s in shards))
-        sums = torch.stack(sums)
-        prefix_keys, prefix_sums, _ = cp_exclusive_scan(torch.stack(keys), sums, group=cp_group,
-                                                        layout="load_balanced")
-        self.scan_bytes_per_step = bytes_sent_per_call(tuple(sums.shape[1:]), cp, "load_balanced",
-                                                       sums.dtype).max_per_rank
         weight = self.linear_fc2.weight
+
+        def run(shard):
+            out, final = inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
+                                     output_final_state=True, **kwargs)
+            return out, final - weight.to(final.dtype)
+
+        out_first, sum_first = run(shards[0])
+
+        def while_waiting():
+            out_second, sum_second = run(shards[1])
+            return out_second, [sum_second]
+
+        keys = torch.stack([doc_ids[:, shard][:, -1] for shard in shards])
+        prefix_keys, prefix_sums, out_second = cp_exclusive_scan(keys, [sum_first, None], group=cp_group,
+                                                                 layout="load_balanced", while_waiting=while_waiting)
+        self.scan_bytes_per_step = bytes_sent_per_call(tuple(sum_first.shape), cp, "load_balanced",
+                                                       sum_first.dtype).max_per_rank
         outputs = []
-        for i, shard in enumerate(shards):
-            continues = (prefix_keys[i] == doc_ids[:, shard][:, 0]).to(prefix_sums.dtype)
-            initial = weight.to(prefix_sums.dtype) + continues[:, None, None] * prefix_sums[i]
-            outputs.append(inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
-                                       initial_state=initial, **kwargs))
+        for i, (shard, out) in enumerate(zip(shards, (out_first, out_second))):
+            docs = doc_ids[:, shard]
+            continues = (docs == docs[:, :1]) & (prefix_keys[i] == docs[:, 0])[:, None]  # [B, L]
+            if continues.any():
+                correction = torch.bmm(z[:, shard].to(prefix_sums.dtype), prefix_sums[i].transpose(1, 2))
+                out = out + (continues.unsqueeze(-1) * correction).to(out.dtype)
+            outputs.append(out)
         return torch.cat(outputs, dim=1)

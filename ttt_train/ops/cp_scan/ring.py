@@ -54,8 +54,9 @@ class _Chain:
     NCCL that serialise P2P operations on a stream)."""
 
     def __init__(self, group, walk, tag: int, msg_numel: int, msg_dtype: torch.dtype, device,
-                 step: Callable[[int, torch.Tensor | None, bool], torch.Tensor | None]):
-        self.group, self.walk, self.tag, self.step = group, walk, tag, step
+                 step: Callable[[int, torch.Tensor | None, bool], torch.Tensor | None],
+                 ready: Callable[[int], bool] = lambda i: True):
+        self.group, self.walk, self.tag, self.step, self.ready = group, walk, tag, step, ready
         self.msg_numel, self.msg_dtype, self.device = msg_numel, msg_dtype, device
         self.pos, self.recv, self.sends = 0, None, []
 
@@ -63,9 +64,12 @@ class _Chain:
         return dist.get_global_rank(self.group, r)
 
     def run(self, block: bool) -> None:
-        """Advance; with ``block=False`` stop (receive posted) at the first state from another rank."""
+        """Advance; with ``block=False`` stop (receive posted) at the first state from another rank,
+        or before a local segment whose sum is not ready yet."""
         while self.pos < len(self.walk):
             i, _, src, dst = self.walk[self.pos]
+            if not block and not self.ready(i):
+                return
             msg = None
             if src is not None:
                 if self.recv is None:
@@ -89,20 +93,22 @@ class _Chain:
 class _Forward:
     """State of one forward call: local inputs (detached), outputs, and the chain."""
 
-    def __init__(self, keys, sums, group, cp_rank, cp_size, layout):
-        self.keys, self.sums = keys, sums.detach()
+    def __init__(self, keys, sums: list, group, cp_rank, cp_size, layout):
+        self.keys, self.sums = keys, [s.detach() if s is not None else None for s in sums]
         self.group, self.cp_rank, self.cp_size, self.layout = group, cp_rank, cp_size, layout
         m, b = keys.shape
+        first = self.sums[0]
+        self.shape, self.dtype = first.shape, first.dtype
         self.out_k: list = [None] * m
         self.out_s: list = [None] * m
         self.carry = None
-        nbytes = 8 * b + self.sums[0].numel() * self.sums.element_size()
+        nbytes = 8 * b + first.numel() * first.element_size()
         self.chain = _Chain(group, chain_walk(cp_size, layout, cp_rank), _FWD_TAG, nbytes, torch.uint8,
-                            sums.device, self._step)
+                            first.device, self._step, ready=lambda i: self.sums[i] is not None)
 
     def _step(self, i: int, msg, want_out: bool):
         if msg is not None:
-            pk, ps = _unpack(msg, self.keys.shape[1], self.sums.shape[1:], self.sums.dtype)
+            pk, ps = _unpack(msg, self.keys.shape[1], self.shape, self.dtype)
         elif self.carry is not None:
             pk, ps = self.carry
         else:  # start of the chain: identity
@@ -117,6 +123,10 @@ class _Forward:
         torch.addcmul(self.sums[i], gate, ps, out=s)
         self.carry = (key, s)
         return msg
+
+    def provide(self, sums: torch.Tensor) -> None:
+        """All local sums `[m, B, d, h]`, once the late ones exist."""
+        self.sums = list(sums.detach())
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -159,7 +169,7 @@ class _CPScan(torch.autograd.Function):
         return None, _backward(grad_sums.contiguous(), gates, *ctx.meta), None
 
 
-def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor, *, group: Any = None,
+def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor | list, *, group: Any = None,
                       layout: str = "load_balanced", while_waiting: Callable[[], Any] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Exclusive prefix of this rank's segments over the CP ``group`` (None: the default group).
@@ -174,6 +184,12 @@ def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor, *, group: Any = No
     ``while_waiting``: called exactly once, with grad mode as at the call site, after this rank
     has sent what it can and posted its first receive, before waiting on it; its result is
     returned as ``extra`` (None without it).
+
+    Late sums: ``sums`` may be a list of m tensors ``[B, d, h]`` whose trailing entries are None
+    (the first must be given). Those segments' sums are computed by ``while_waiting``, which then
+    returns ``(extra, [late sums in order])``; the scan sends nothing that needs them before they
+    exist. Load-balanced, a rank's second segment is first needed on the return pass, so its sum
+    (and any work producing it) overlaps the wait for the first pass.
     """
     group = group if group is not None else dist.group.WORLD
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -183,12 +199,25 @@ def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor, *, group: Any = No
     if keys.dim() != 2 or keys.dtype != torch.int64 or keys.shape[0] != m:
         raise ValueError(f"keys must be int64 [m={m}, B] for layout {layout!r}, got "
                          f"{keys.dtype} {tuple(keys.shape)}")
-    if sums.dim() != 4 or sums.shape[:2] != keys.shape or not sums.is_floating_point():
+    parts = list(sums)
+    late = [i for i, part in enumerate(parts) if part is None]
+    if late and (late[0] == 0 or late != list(range(late[0], len(parts))) or while_waiting is None):
+        raise ValueError("late sums: only trailing entries of `sums` may be None, the first must be given, "
+                         "and while_waiting must produce them")
+    known = torch.stack([p for p in parts if p is not None])
+    if len(parts) != m or known.dim() != 4 or known.shape[1] != keys.shape[1] or not known.is_floating_point():
         raise ValueError(f"sums must be floating [m={m}, B={keys.shape[1]}, d, h], got "
-                         f"{sums.dtype} {tuple(sums.shape)}")
-    state = _Forward(keys, sums, group, cp_rank, cp_size, layout)
+                         f"{known.dtype} {(len(parts),) + tuple(known.shape[1:])}")
+    state = _Forward(keys, parts, group, cp_rank, cp_size, layout)
     with torch.no_grad():
         state.chain.run(block=False)
     extra = while_waiting() if while_waiting is not None else None
-    pk, ps = _CPScan.apply(keys, sums, state)
+    if late:
+        extra, late_sums = extra
+        if len(late_sums) != len(late):
+            raise ValueError(f"while_waiting returned {len(late_sums)} late sums for {len(late)} missing")
+        parts[late[0]:] = late_sums
+    full = torch.stack(parts)
+    state.provide(full)
+    pk, ps = _CPScan.apply(keys, full, state)
     return pk, ps, extra
