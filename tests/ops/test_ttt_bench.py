@@ -33,6 +33,11 @@ def test_bench_json_tiny():
         assert res[f"{name}_peak_extra_mib"] > 0
     for key in ("ttt_over_plain_mlp", "ttt_over_materialized", "memory_method"):
         assert key in res
+    # default cp=8, tp=1, state [1, 4, 8] float32: 2*(cp-1) = 14 messages each way, forward ones
+    # carry the int64 key (8 + 128 bytes), backward ones only the gradient (128 bytes); a middle
+    # rank sends two of each
+    assert res["cp_scan_bytes_per_layer_step_all_ranks"] == 14 * 136 + 14 * 128
+    assert res["cp_scan_bytes_per_layer_step_max_rank"] == 2 * 136 + 2 * 128
     assert res["ttt_over_plain_mlp"] == pytest.approx(res["ttt_mlp_ms"] / res["plain_mlp_ms"], rel=1e-3)
     assert res["ttt_over_materialized"] == pytest.approx(res["ttt_down_ms"] / res["materialized_down_ms"], rel=1e-3)
 

@@ -15,6 +15,8 @@ Ratios: ``ttt_over_plain_mlp`` (TTT MLP / plain MLP), ``ttt_over_materialized`` 
 materialised down-projection). ``*_peak_extra_mib``: each variant's peak extra memory, measured
 (see ``memory_method``) over one fwd+bwd with the inputs already allocated. Timing rounds
 interleave the variants, so that a shared machine disturbs them alike.
+``cp_scan_bytes_per_layer_step_*``: bytes the context-parallel scan sends per TTT layer and
+micro-batch (forward + backward) at ``--cp``/``--tp``, from :func:`bytes_sent_per_call`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .cp_scan import bytes_sent_per_call
 from .inplace_ttt import inplace_ttt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,6 +162,9 @@ def run_bench(args) -> dict:
     result["ttt_down_over_plain_down"] = round(result["ttt_down_ms"] / result["plain_down_ms"], 4)
     result["ttt_over_plain_mlp_min"] = round(result["ttt_mlp_min_ms"] / result["plain_mlp_min_ms"], 4)
     result["ttt_over_materialized_min"] = round(result["ttt_down_min_ms"] / result["materialized_down_min_ms"], 4)
+    scan = bytes_sent_per_call((args.batch, args.d, args.h // args.tp), args.cp, "load_balanced", torch.float32)
+    result.update(cp=args.cp, tp=args.tp, cp_scan_bytes_per_layer_step_max_rank=scan.max_per_rank,
+                  cp_scan_bytes_per_layer_step_all_ranks=scan.forward_total + scan.backward_total)
     return result
 
 
@@ -176,6 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--max-update-norm", type=float, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--cp", type=int, default=8, help="context-parallel size for the scan's byte accounting")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the scan's byte accounting")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
 
