@@ -15,14 +15,11 @@ import sys
 
 import numpy
 
+from data_tools.cli import doc_parser
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.inspect_dataset",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("python -m data_tools.inspect_dataset", __doc__)
     parser.add_argument("prefix", help="dataset prefix (PREFIX.bin/.idx)")
     parser.add_argument(
         "--tokenizer", default=None, help="'byte', a tokenizer.json or a local HF tokenizer dir"

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy
 from tqdm import tqdm
 
+from data_tools.cli import doc_parser
+
 # A span is (source index, document index, offset, length): a slice of one source document.
 Span = tuple[int, int, int, int]
 
@@ -46,12 +48,7 @@ class Plan:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.mixture",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("python -m data_tools.mixture", __doc__)
     parser.add_argument(
         "--source",
         nargs=2,

@@ -19,17 +19,13 @@ from collections import Counter
 import numpy
 from tqdm import tqdm
 
+from data_tools.cli import doc_parser
 from ttt_train.data.synthetic import TASKS, generate
 from ttt_train.data.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.synthetic",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("python -m data_tools.synthetic", __doc__)
     parser.add_argument(
         "tasks", nargs="+", choices=sorted(TASKS), metavar="TASK", help=f"one or more of {', '.join(TASKS)}"
     )

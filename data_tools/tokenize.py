@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy
 from tqdm import tqdm
 
+from data_tools.cli import doc_parser
 from data_tools.readers import (
     TXT_MODES,
     Problem,
@@ -66,12 +67,7 @@ class Settings:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.tokenize",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("python -m data_tools.tokenize", __doc__)
     parser.add_argument(
         "inputs", nargs="+", help="input files or globs (.jsonl/.json/.ndjson/.txt[.gz], .parquet)"
     )
