@@ -45,3 +45,20 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert result["latest"] == "iter_0000001"
     assert result["meta"] == {"step": 1, "metadata": {"note": "good"}}
     assert not (tmp_path / "iter_0000002").exists()
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(tp=2)], ids=["tp1", "tp2"])
+def test_model_and_optimizer_resume_exactly(tmp_path, layout):
+    world = layout.get("tp", 1)
+    result = run_local_ranks(scenarios.resume_losses, world, str(tmp_path), layout, timeout=300)[0]
+    assert result["meta"] == {"step": 2, "metadata": {"consumed_samples": 4}}
+    assert result["resumed"] == result["straight"]
+
+
+def test_latest_pointing_at_a_missing_checkpoint_is_reported(tmp_path):
+    from ttt_train.training.checkpoint import latest_checkpoint
+
+    (tmp_path / "latest").write_text("iter_0000007\n")
+    with pytest.raises(FileNotFoundError, match="names iter_0000007, which is missing or incomplete"):
+        latest_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path / "nothing_here") is None

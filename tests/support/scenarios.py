@@ -196,3 +196,37 @@ def ttt_mlp_vs_float64() -> dict:
         plain = z.transpose(0, 1) @ mlp.linear_fc2.weight.T
     return dict(out_rel_err=((out - ref).abs().max() / ref.abs().max()).item(),
                 changed_by_ttt=((ref - plain).abs().max() / plain.abs().max()).item())
+
+
+def resume_losses(root: str, layout: dict) -> dict:
+    """Train 4 steps straight; and train 2, save model + optimizer, rebuild from scratch with another
+    seed, load, train 2 more. Returns both loss lists (they must agree exactly)."""
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def build(seed):
+        parallel = ParallelConfig(seed=seed, **layout)
+        initialize(parallel)
+        model_cfg = load_model_config("tiny", num_layers=2)
+        config = to_transformer_config(model_cfg, parallel)
+        chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=TTTConfig(layers=[0], chunk_size=8)),
+                                   config, DDPConfig())
+        return chunks, build_optimizer(OptimizerArgs(lr=3e-3), chunks, config), model_cfg
+
+    def steps(chunks, optimizer, first, count, vocab):
+        losses = []
+        for i in range(first, first + count):
+            batch = make_batch(100 + i, 2, 32, vocab, with_docs=True)
+            losses.append(run_step(chunks, _repeat(batch, 2), num_microbatches=1, micro_batch_size=2,
+                                   seq_length=32, optimizer=optimizer)["loss"])
+        return losses
+
+    chunks, optimizer, model_cfg = build(1)
+    straight = steps(chunks, optimizer, 0, 4, model_cfg.vocab_size)
+    chunks, optimizer, _ = build(1)
+    resumed = steps(chunks, optimizer, 0, 2, model_cfg.vocab_size)
+    save_checkpoint(root, 2, chunks, optimizer, metadata={"consumed_samples": 4})
+    chunks, optimizer, _ = build(99)
+    meta = load_checkpoint(root, chunks, optimizer)
+    resumed += steps(chunks, optimizer, meta["step"], 2, model_cfg.vocab_size)
+    return dict(straight=straight, resumed=resumed, meta=meta)
