@@ -78,6 +78,9 @@ class TTTMLP(MLP):
     """
 
     def __init__(self, config, submodules, ttt: TTTConfig, tp_group=None, **kwargs):
+        if not config.gated_linear_unit or config.add_bias_linear:
+            raise ValueError("In-Place TTT needs a gated MLP without biases (gated_linear_unit=True, "
+                             "add_bias_linear=False), as in Qwen3 and Llama-3.1")
         super().__init__(config, submodules, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp_group, **kwargs)
         self.ttt = ttt
         self.ttt_lr = float(ttt.lr)
@@ -86,7 +89,8 @@ class TTTMLP(MLP):
         self.scan_bytes_per_step = 0  # bytes this rank sent in the last context-parallel scan (fwd + bwd)
         with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
             self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
-                                                init_std=config.init_method_std, dtype=config.params_dtype)
+                                                init_std=config.init_method_std, dtype=config.params_dtype,
+                                                device=self.linear_fc2.weight.device)
         for param in self.ttt_target.parameters():
             param.sequence_parallel = False
 
@@ -120,9 +124,7 @@ class TTTMLP(MLP):
 
     def forward(self, hidden_states, per_token_scale=None, padding_mask=None, **kwargs):
         """hidden_states `[s, b, d]` (the pre-MLP norm output) -> (output `[s, b, d]`, None)."""
-        intermediate, bias = self.linear_fc1(hidden_states)
-        if bias is not None:
-            intermediate = intermediate + bias
+        intermediate, _ = self.linear_fc1(hidden_states)
         gate, up = torch.chunk(intermediate, 2, dim=-1)
         z = self.config.activation_func(gate) * up  # [S, b, h/tp]
         seq = z.shape[0]

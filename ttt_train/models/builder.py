@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ttt_train.layers.specs import block_spec
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.models.config import ModelConfig
@@ -54,4 +56,6 @@ def build_gpt_model(model: ModelConfig, config, *, ttt: TTTConfig | None = None,
         vp_stage=vp_stage,
     )
     gpt.ttt_config = ttt
+    if torch.cuda.is_available():  # parameters built on the CPU (use_cpu_initialization) move to this GPU
+        gpt.cuda(torch.cuda.current_device())
     return gpt
