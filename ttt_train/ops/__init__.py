@@ -1,7 +1,10 @@
-"""Pure-PyTorch In-Place TTT operators (no megatron import): the fast-weight down-projection and
-its LM-aligned target (METHOD.md sections 2-5)."""
+"""Pure-PyTorch In-Place TTT operators (no megatron import): the fast-weight down-projection, its
+LM-aligned target (METHOD.md sections 2-5), and the context-parallel prefix scan (section 6).
+Each op keeps its obviously-correct reference beside the fast version, with the same signature."""
 
+from .cp_scan import cp_exclusive_scan, exclusive_scan_reference, validate_cp_alignment
 from .inplace_ttt import inplace_ttt, inplace_ttt_reference, ttt_update_sum
 from .target import LMAlignedTarget
 
-__all__ = ["LMAlignedTarget", "inplace_ttt", "inplace_ttt_reference", "ttt_update_sum"]
+__all__ = ["LMAlignedTarget", "cp_exclusive_scan", "exclusive_scan_reference", "inplace_ttt",
+           "inplace_ttt_reference", "ttt_update_sum", "validate_cp_alignment"]
