@@ -1,5 +1,5 @@
 """Context parallelism of the whole tiny TTT model (local spec, gathered-K/V attention, distributed
-prefix scan of the fast-weight updates): CP=2, CP=4 and CP=2 x TP=2 give the loss and every gradient
+prefix scan of the fast-weight updates): CP=2, CP=4 and CP=2 x TP=2 (with and without sequence parallelism) give the loss and every gradient
 of CP=1 on the same packed batch with document boundaries. Misaligned shards are refused."""
 
 import pytest
@@ -29,8 +29,8 @@ def test_cp2_matches_cp1(tmp_path):
 
 
 @pytest.mark.slow
-def test_cp4_and_cp2_tp2_match_cp1(tmp_path):
-    layouts = [dict(), dict(cp=4), dict(cp=2, tp=2)]
+def test_cp4_and_cp2_tp2_sp_match_cp1(tmp_path):
+    layouts = [dict(), dict(cp=4), dict(cp=2, tp=2), dict(cp=2, tp=2, sequence_parallel=True)]
     per_rank = run_local_ranks(equivalence_case, 4, layouts, str(tmp_path), "tiny", 64, 4, 2, 3,
                                dict(sliding_window=24), dict(TTT, target="input_embed"), True, timeout=900)
     _check(merge_ranks(per_rank, layouts))
