@@ -62,3 +62,9 @@ def test_latest_pointing_at_a_missing_checkpoint_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="names iter_0000007, which is missing or incomplete"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "nothing_here") is None
+
+
+def test_step_gradients_are_those_of_the_mean_token_loss():
+    (result,) = run_local_ranks(scenarios.step_gradient_vs_autograd, 1, timeout=300)
+    assert result["reported"] == pytest.approx(result["loss"], rel=1e-6)
+    assert result["worst_grad_rel_err"] < 1e-5

@@ -230,3 +230,24 @@ def resume_losses(root: str, layout: dict) -> dict:
     meta = load_checkpoint(root, chunks, optimizer)
     resumed += steps(chunks, optimizer, meta["step"], 2, model_cfg.vocab_size)
     return dict(straight=straight, resumed=resumed, meta=meta)
+
+
+def step_gradient_vs_autograd() -> dict:
+    """Gradients left by `run_step` (2 micro-batches, DDP, per-token loss) against plain autograd of
+    the mean masked token loss over the whole batch on an identical unwrapped model."""
+    parallel = ParallelConfig()
+    initialize(parallel)
+    model_cfg = load_model_config("tiny", num_layers=2)
+    config = to_transformer_config(model_cfg, parallel)
+    torch.manual_seed(3)
+    plain = build_gpt_model(model_cfg, config)
+    torch.manual_seed(3)
+    chunks = wrap_for_training(build_gpt_model(model_cfg, config), config, DDPConfig())
+    batch = make_batch(9, 4, 32, model_cfg.vocab_size)
+    token_loss = plain(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    loss = (token_loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    loss.backward()
+    reported = run_step(chunks, _repeat(batch, 2), num_microbatches=2, micro_batch_size=2, seq_length=32)["loss"]
+    worst = max(((p.main_grad - q.grad).abs().max() / q.grad.abs().max()).item()
+                for p, q in zip(chunks[0].module.parameters(), plain.parameters()))
+    return dict(loss=loss.item(), reported=reported, worst_grad_rel_err=worst)
