@@ -67,14 +67,17 @@ def worker(args: argparse.Namespace) -> None:
                       cache_dir=str(out / "data" / "cache"))
     train, _, _ = build_datasets(data, tokenizer, (args.steps * MICRO_BATCH, 0, 0))
     model_cfg = load_model_config("tiny", num_layers=6, sliding_window=128, vocab_size=tokenizer.vocab_size)
-    ttt = TTTConfig(every=6, chunk_size=CHUNK, lr=0.3)
+    # A small inner lr and per-chunk clipping: with the demo's aggressive outer lr the target grows
+    # fast, and fast-weight responses scale like lr * tokens * |z|^2 * |v| on repetitive text.
+    ttt = TTTConfig(every=6, chunk_size=CHUNK, lr=0.03, max_update_norm=0.1)
     config = to_transformer_config(model_cfg, parallel)
     chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt), config, DDPConfig())
     optimizer = build_optimizer(OptimizerArgs(lr=3e-3, weight_decay=0.1), chunks, config)
     batches = iter(build_dataloader(train, tokenizer.eod_id, 0, MICRO_BATCH))
     if rank == 0:
         print(f"tiny model: {sum(p.numel() for p in chunks[0].parameters())} parameters on this rank, "
-              f"TTT layers {ttt.layer_indices(model_cfg.num_layers)}, chunk {CHUNK}, context parallel 2, "
+              f"TTT layers {ttt.layer_indices(model_cfg.num_layers)}, chunk {CHUNK}, inner lr {ttt.lr}, "
+              f"clip {ttt.max_update_norm}, context parallel 2, "
               f"sequence {SEQ_LENGTH}", flush=True)
     start = time.perf_counter()
     for step in range(args.steps):
