@@ -2,6 +2,8 @@
 prefix scan of the fast-weight updates): CP=2, CP=4 and CP=2 x TP=2 (with and without sequence parallelism) give the loss and every gradient
 of CP=1 on the same packed batch with document boundaries. Misaligned shards are refused."""
 
+from functools import partial
+
 import pytest
 
 from tests.support.parallel_cases import equivalence_case, merge_ranks, rel_err
@@ -23,16 +25,17 @@ def _check(case):
 @pytest.mark.slow
 def test_cp2_matches_cp1(tmp_path):
     layouts = [dict(), dict(cp=2)]
-    per_rank = run_local_ranks(equivalence_case, 2, layouts, str(tmp_path), "tiny", 64, 4, 2, 3, None, TTT, True,
-                               timeout=600)
+    case = partial(equivalence_case, seq=64, seed=3, ttt=TTT, with_docs=True)
+    per_rank = run_local_ranks(case, 2, layouts, str(tmp_path), timeout=600)
     _check(merge_ranks(per_rank, layouts))
 
 
 @pytest.mark.slow
 def test_cp4_and_cp2_tp2_sp_match_cp1(tmp_path):
     layouts = [dict(), dict(cp=4), dict(cp=2, tp=2), dict(cp=2, tp=2, sequence_parallel=True)]
-    per_rank = run_local_ranks(equivalence_case, 4, layouts, str(tmp_path), "tiny", 64, 4, 2, 3,
-                               dict(sliding_window=24), dict(TTT, target="input_embed"), True, timeout=900)
+    case = partial(equivalence_case, seq=64, seed=3, model_overrides=dict(sliding_window=24),
+                   ttt=dict(TTT, target="input_embed"), with_docs=True)
+    per_rank = run_local_ranks(case, 4, layouts, str(tmp_path), timeout=900)
     _check(merge_ranks(per_rank, layouts))
 
 
@@ -40,5 +43,5 @@ def test_cp4_and_cp2_tp2_sp_match_cp1(tmp_path):
 def test_misaligned_chunks_are_refused(tmp_path):
     bad = dict(TTT, chunk_size=12)  # shard length 64 / (2*2) = 16 is not a multiple of 12
     with pytest.raises(LocalRanksError, match=r"(?s)chunk_size.*12.*16|16.*chunk_size"):
-        run_local_ranks(equivalence_case, 2, [dict(cp=2)], str(tmp_path), "tiny", 64, 4, 2, 3, None, bad, True,
+        run_local_ranks(partial(equivalence_case, seq=64, ttt=bad, with_docs=True), 2, [dict(cp=2)], str(tmp_path),
                         timeout=300)

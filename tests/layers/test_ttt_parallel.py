@@ -4,6 +4,8 @@ document boundaries, with and without update clipping, for both target sources. 
 reach the other layouts through a dist_checkpoint, so the TTT parameters' sharded state dict is
 exercised too."""
 
+from functools import partial
+
 import pytest
 
 from tests.support.parallel_cases import equivalence_case, merge_ranks, rel_err
@@ -20,8 +22,8 @@ CASES = {
 def case(request, tmp_path_factory):
     ttt = CASES[request.param]
     layouts = LAYOUTS if ttt["target"] == "hidden_states" else LAYOUTS[:3]  # input_embed: TTT on stage 0 only
-    per_rank = run_local_ranks(equivalence_case, 2, layouts, str(tmp_path_factory.mktemp("ckpt")), "tiny", 32,
-                               4, 2, 11, None, ttt, True, timeout=600)
+    case = partial(equivalence_case, seed=11, ttt=ttt, with_docs=True)
+    per_rank = run_local_ranks(case, 2, layouts, str(tmp_path_factory.mktemp("ckpt")), timeout=600)
     return merge_ranks(per_rank, layouts)
 
 

@@ -6,8 +6,8 @@ list of per-rank return values (rank order). A rank that raises, dies or outlive
 makes the whole call fail with every rank's traceback in the message.
 
 Processes come from a forkserver that pre-imports torch (and megatron-core when present), so a
-call costs a fork, not a fresh 7 s import. `fn` must be a module-level (picklable) function;
-its return value travels back through `torch.save`, so tensors are fine. Ranks are not daemonic
+call costs a fork, not a fresh 7 s import. `fn` must be a module-level (picklable) function,
+or a `functools.partial` of one to pass keyword arguments; its return value travels back through `torch.save`, so tensors are fine. Ranks are not daemonic
 (dist_checkpointing starts helper processes); they are killed on failure or time-out.
 """
 
@@ -133,6 +133,7 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         if status != "ok":
             failures.append(f"--- rank {r}/{world_size}: {status}\n{payload}")
     if failures:
-        raise LocalRanksError(f"{fn.__module__}.{fn.__name__} failed on {len(failures)} of "
+        target = getattr(fn, "func", fn)  # functools.partial
+        raise LocalRanksError(f"{target.__module__}.{target.__qualname__} failed on {len(failures)} of "
                               f"{world_size} ranks:\n" + "\n".join(failures))
     return [torch.load(io.BytesIO(reports[r][1]), weights_only=False) for r in range(world_size)]
