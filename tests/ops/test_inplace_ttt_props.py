@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttt_train.ops import inplace_ttt, inplace_ttt_reference, ttt_update_sum
+from ttt_train.ops import inplace_ttt, inplace_ttt_reference
 
 F64 = torch.float64
 OPS = [inplace_ttt, inplace_ttt_reference]
@@ -118,34 +118,31 @@ def test_low_precision_close_to_float64(dtype):
 
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("cuts", [[], [5], [8], [3, 17]], ids=str)
-@pytest.mark.parametrize("init", [False, True])
-def test_update_sum_matches_final_state(clip, cuts, init):
-    """final_state == start + S (start: initial_state if the last document is the first, else
-    weight), and S carries the same gradient as the final state."""
-    T, d, h, C = 19, 3, 4, 4
+def test_state_carries_across_a_split(clip, cuts):
+    """Running [0, 8) then [8, T) with the first part's final state as the second's initial state
+    (when the document continues across the split) equals one run, outputs and gradients. The
+    final state minus `weight` is the last document's update sum: what context parallelism ships."""
+    T, d, h, C, split = 19, 3, 4, 4, 8
     z, v, w = rand(1, T, h, seed=1), rand(1, T, d, seed=2), rand(d, h, seed=3)
-    w0 = rand(1, d, h, seed=4) if init else None
-    ids = ids_from_cuts(T, cuts)[None] + 2
-    kw = dict(chunk_size=C, lr=0.3, doc_ids=ids, max_update_norm=clip)
-    zz, vv = z.clone().requires_grad_(), v.clone().requires_grad_()
-    last, S = ttt_update_sum(zz, vv, **kw)
-    assert last.tolist() == [ids[0, -1].item()] and last.dtype == torch.int64 and S.dtype == F64
-    zf, vf = z.clone().requires_grad_(), v.clone().requires_grad_()
-    _, fin = inplace_ttt(zf, vf, w, initial_state=w0, output_final_state=True, **kw)
-    start = w0 if (init and not cuts) else w
-    torch.testing.assert_close(fin, start + S, rtol=1e-12, atol=1e-12)
-    g = rand(1, d, h, seed=5)
-    (S * g).sum().backward()
-    (fin * g).sum().backward()
-    torch.testing.assert_close(zz.grad, zf.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(vv.grad, vf.grad, rtol=1e-12, atol=1e-12)
-
-
-def test_update_sum_defaults():
-    z, v = rand(2, 6, 4, seed=1, dtype=torch.bfloat16), rand(2, 6, 3, seed=2, dtype=torch.bfloat16)
-    last, S = ttt_update_sum(z, v, chunk_size=4, lr=1.0)
-    assert last.tolist() == [0, 0] and S.dtype == torch.float32 and S.shape == (2, 3, 4)
-    torch.testing.assert_close(S, v.float().transpose(1, 2) @ z.float())
+    ids = ids_from_cuts(T, cuts)[None]
+    kw = dict(chunk_size=C, lr=0.3, max_update_norm=clip)
+    g = rand(1, T, d, seed=4)
+    runs = []
+    for whole in (True, False):
+        zz, vv, ww = (t.clone().requires_grad_() for t in (z, v, w))
+        if whole:
+            out = inplace_ttt(zz, vv, ww, doc_ids=ids, **kw)
+        else:
+            first, state = inplace_ttt(zz[:, :split], vv[:, :split], ww, doc_ids=ids[:, :split],
+                                       output_final_state=True, **kw)
+            continues = bool(ids[0, split] == ids[0, split - 1])
+            second = inplace_ttt(zz[:, split:], vv[:, split:], ww, doc_ids=ids[:, split:],
+                                 initial_state=state if continues else None, **kw)
+            out = torch.cat([first, second], dim=1)
+        (out * g).sum().backward()
+        runs.append((out, zz.grad, vv.grad, ww.grad))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _args(**over):
@@ -185,11 +182,3 @@ def test_bad_input_raises_value_error(op, over, match):
     a = _args(**over)
     with pytest.raises(ValueError, match=match):
         op(a.pop("z"), a.pop("v"), a.pop("weight"), **a)
-
-
-def test_update_sum_bad_input():
-    with pytest.raises(ValueError, match=r"v must be \[B, T, d\]"):
-        ttt_update_sum(torch.randn(1, 4, 3), torch.randn(1, 5, 2), chunk_size=2, lr=0.1)
-    with pytest.raises(ValueError, match="non-decreasing"):
-        ttt_update_sum(torch.randn(1, 3, 3), torch.randn(1, 3, 2), chunk_size=2, lr=0.1,
-                       doc_ids=torch.tensor([[1, 0, 0]]))

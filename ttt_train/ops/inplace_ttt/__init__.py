@@ -2,6 +2,5 @@
 
 from .chunk import inplace_ttt
 from .naive import inplace_ttt_reference
-from .update_sum import ttt_update_sum
 
-__all__ = ["inplace_ttt", "inplace_ttt_reference", "ttt_update_sum"]
+__all__ = ["inplace_ttt", "inplace_ttt_reference"]

@@ -25,15 +25,14 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
-def check_inputs(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None, *, chunk_size: int, lr: float,
+def check_inputs(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk_size: int, lr: float,
                  doc_ids: torch.Tensor | None = None, max_update_norm: float | None = None,
                  initial_state: torch.Tensor | None = None) -> tuple[float, float | None]:
     """Validate the arguments of the TTT ops; return ``(lr, max_update_norm)`` as Python floats.
 
-    ``weight=None`` (for :func:`ttt_update_sum`) takes ``d`` from ``v``. Raises ValueError naming
-    the argument, what is wrong and what would fix it.
+    Raises ValueError naming the argument, what is wrong and what would fix it.
     """
-    named = (("z", z), ("v", v)) + ((("weight", weight),) if weight is not None else ())
+    named = (("z", z), ("v", v), ("weight", weight))
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -44,9 +43,9 @@ def check_inputs(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None, 
     B, T, h = z.shape
     if T < 1:
         raise ValueError(f"z must hold at least one token (T >= 1), got shape {_shape(z)}")
-    if weight is not None and (weight.dim() != 2 or weight.shape[1] != h):
+    if weight.dim() != 2 or weight.shape[1] != h:
         raise ValueError(f"weight must be [d, h] with h = z.shape[-1] = {h}, got shape {_shape(weight)}")
-    d = weight.shape[0] if weight is not None else (v.shape[-1] if v.dim() == 3 else -1)
+    d = weight.shape[0]
     if v.dim() != 3 or tuple(v.shape) != (B, T, d):
         raise ValueError(f"v must be [B, T, d] = {[B, T, d]} (B, T from z, d from weight), got shape {_shape(v)}")
     if len({t.dtype for _, t in named}) > 1:
