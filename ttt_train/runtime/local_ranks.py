@@ -6,9 +6,10 @@ list of per-rank return values (rank order). A rank that raises, dies or outlive
 makes the whole call fail with every rank's traceback in the message.
 
 Processes come from a forkserver that pre-imports torch (and megatron-core when present), so a
-call costs a fork, not a fresh 7 s import. `fn` must be a module-level (picklable) function,
-or a `functools.partial` of one to pass keyword arguments; its return value travels back through `torch.save`, so tensors are fine. Ranks are not daemonic
-(dist_checkpointing starts helper processes); they are killed on failure or time-out.
+call costs a fork, not a fresh 7 s import. `fn` must be a module-level (picklable) function, or a
+`functools.partial` of one to pass keyword arguments; its return value travels back through
+`torch.save`, so tensors are fine. Ranks are not daemonic (dist_checkpointing starts helper
+processes); they are killed on failure or time-out.
 """
 
 from __future__ import annotations

@@ -204,10 +204,11 @@ def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor | list, *, group: A
     if late and (late[0] == 0 or late != list(range(late[0], len(parts))) or while_waiting is None):
         raise ValueError("late sums: only trailing entries of `sums` may be None, the first must be given, "
                          "and while_waiting must produce them")
-    known = torch.stack([p for p in parts if p is not None])
-    if len(parts) != m or known.dim() != 4 or known.shape[1] != keys.shape[1] or not known.is_floating_point():
+    first = parts[0]
+    if len(parts) != m or first.dim() != 3 or first.shape[0] != keys.shape[1] or not first.is_floating_point() \
+            or any(p is not None and (p.shape, p.dtype) != (first.shape, first.dtype) for p in parts):
         raise ValueError(f"sums must be floating [m={m}, B={keys.shape[1]}, d, h], got "
-                         f"{known.dtype} {(len(parts),) + tuple(known.shape[1:])}")
+                         f"{first.dtype} {(len(parts),) + tuple(first.shape)}")
     state = _Forward(keys, parts, group, cp_rank, cp_size, layout)
     with torch.no_grad():
         state.chain.run(block=False)
