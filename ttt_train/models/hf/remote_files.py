@@ -1,0 +1,57 @@
+"""Put the In-Place TTT modeling code into an exported HF directory and point ``auto_map`` at it.
+
+``write_remote_code(out_dir, config)`` copies ``configuration_inplace_ttt.py`` and
+``modeling_inplace_ttt.py`` (from :mod:`ttt_train.models.hf.remote_code`) into ``out_dir`` (atomically)
+and sets ``auto_map`` and ``architectures`` on ``config`` (a config object or a ``config.json`` dict);
+the caller then writes ``config.json``. ``AutoModelForCausalLM.from_pretrained(out_dir,
+trust_remote_code=True)`` then loads ``InPlaceTTTQwen3ForCausalLM`` / ``InPlaceTTTLlamaForCausalLM``;
+without ``trust_remote_code`` transformers refuses the unknown ``model_type``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
+REMOTE_FILES = ("configuration_inplace_ttt.py", "modeling_inplace_ttt.py")
+CLASSES = {  # model_type -> (config class, causal LM class)
+    "inplace_ttt_qwen3": ("InPlaceTTTQwen3Config", "InPlaceTTTQwen3ForCausalLM"),
+    "inplace_ttt_llama": ("InPlaceTTTLlamaConfig", "InPlaceTTTLlamaForCausalLM"),
+}
+
+
+def auto_map(model_type: str) -> dict[str, str]:
+    """The ``auto_map`` of ``config.json`` for ``model_type`` (``inplace_ttt_qwen3`` or ``inplace_ttt_llama``)."""
+    if model_type not in CLASSES:
+        raise ValueError(f"model_type {model_type!r} has no In-Place TTT modeling code; expected one of {sorted(CLASSES)}")
+    cfg_cls, lm_cls = CLASSES[model_type]
+    return {"AutoConfig": f"configuration_inplace_ttt.{cfg_cls}",
+            "AutoModelForCausalLM": f"modeling_inplace_ttt.{lm_cls}"}
+
+
+def write_remote_code(out_dir, config):
+    """Copy the modeling files into ``out_dir``; set ``auto_map`` and ``architectures`` on ``config``
+    (an ``InPlaceTTT*Config`` or a dict with ``model_type``) and return it."""
+    is_dict = isinstance(config, dict)
+    model_type = config.get("model_type") if is_dict else getattr(config, "model_type", None)
+    amap = auto_map(model_type)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REMOTE_FILES:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(REMOTE_CODE_DIR / name, tmp)
+            os.replace(tmp, out / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    arch = [CLASSES[model_type][1]]
+    if is_dict:
+        config["auto_map"], config["architectures"] = amap, arch
+    else:
+        config.auto_map, config.architectures = amap, arch
+    return config
