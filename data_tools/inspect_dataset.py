@@ -4,7 +4,8 @@
     python -m data_tools.inspect_dataset data/corpus --json
 
 With a tokenizer (--tokenizer, else the one named in PREFIX.meta.json) it also checks the token ids
-against the vocabulary and counts the documents that do not end with EOD.
+against the vocabulary and counts the documents that do not end with EOD; a tokenizer other than the
+one PREFIX.meta.json records (by fingerprint) is refused.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import sys
 
 import numpy
 
-from data_tools.cli import doc_parser
+from data_tools import cli
+
+PROG = "python -m data_tools.inspect_dataset"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = doc_parser("python -m data_tools.inspect_dataset", __doc__)
+    parser = cli.doc_parser(PROG, __doc__)
     parser.add_argument("prefix", help="dataset prefix (PREFIX.bin/.idx)")
     parser.add_argument(
         "--tokenizer", default=None, help="'byte', a tokenizer.json or a local HF tokenizer dir"
@@ -68,10 +71,11 @@ def describe(prefix: str, tokenizer_spec: str | None, sample: int, max_chars: in
         "meta": meta,
         "max_token_id": indexed.max_token_id(dataset, prefix, progress=True),
     }
-    spec = tokenizer_spec or (meta or {}).get("tokenizer")
+    spec = tokenizer_spec or indexed.sidecar_tokenizer(prefix, meta)
     if spec is None:
         return report
     tokenizer = load_tokenizer(spec)
+    indexed.check_fingerprint(prefix, meta, tokenizer)
     report["tokenizer"] = {"name": spec, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
     report["ids_within_vocab"] = report["max_token_id"] < tokenizer.vocab_size
     report["documents_without_eod"] = int(
@@ -121,6 +125,10 @@ def format_text(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, PROG)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     report = describe(args.prefix, args.tokenizer, args.sample, args.max_chars)
     print(json.dumps(report, indent=2) if args.json else format_text(report))

@@ -15,12 +15,15 @@ document that overflows is continued at the start of another sequence; the packe
 shorter than one sequence is left out and reported. Documents keep their EOD tokens, so document
 boundaries survive packing (the TTT fast weights reset at them). Sequences are written in a seeded
 random order, so megatron's train/valid/test split draws from the whole mixture. Writes
-OUTPUT_PREFIX.bin/.idx and OUTPUT_PREFIX.meta.json describing the blend.
+OUTPUT_PREFIX.bin/.idx and OUTPUT_PREFIX.meta.json describing the blend, atomically; existing
+outputs are replaced only with --force, and never a source. A mixture with no sequence fails with
+the counts of what was left out, writing nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +31,10 @@ from dataclasses import dataclass, field
 import numpy
 from tqdm import tqdm
 
-from data_tools.cli import doc_parser
+from data_tools import cli
+from ttt_train.data.errors import DataError
+
+PROG = "python -m data_tools.mixture"
 
 # A span is (source index, document index, offset, length): a slice of one source document.
 Span = tuple[int, int, int, int]
@@ -48,7 +54,7 @@ class Plan:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = doc_parser("python -m data_tools.mixture", __doc__)
+    parser = cli.doc_parser(PROG, __doc__)
     parser.add_argument(
         "--source",
         nargs=2,
@@ -70,8 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the draws, packing and order")
     parser.add_argument(
-        "--tokenizer", default="byte", help="tokenizer that built the sources (EOD id, vocab check)"
+        "--tokenizer",
+        default=None,
+        help="tokenizer that built the sources (default: the one their .meta.json names)",
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing output (never a source)")
     args = parser.parse_args(argv)
     try:
         args.source = [(prefix, float(weight)) for prefix, weight in args.source]
@@ -79,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--source takes PREFIX WEIGHT with a numeric WEIGHT")
     if any(w <= 0 for _, w in args.source) or args.seq_length < 1 or args.min_length < 0:
         parser.error("weights and --seq-length must be > 0, --min-length >= 0")
+    if args.num_tokens is not None and args.num_tokens < 1:
+        parser.error(f"--num-tokens must be >= 1, got {args.num_tokens}")
     return args
 
 
@@ -96,14 +107,17 @@ def plan_mixture(
     `names` name the sources in errors."""
     names = names or [f"source {i}" for i in range(len(lengths))]
     if len(weights) != len(lengths):
-        raise ValueError(f"{len(lengths)} sources but {len(weights)} weights")
+        raise DataError(f"{len(lengths)} sources but {len(weights)} weights")
     rng = numpy.random.default_rng(seed)
     eligible = [numpy.arange(n.size) if pack_short else numpy.flatnonzero(n >= min_length) for n in lengths]
     available = [int(n[e].sum()) for n, e in zip(lengths, eligible)]
     weights = [w / sum(weights) for w in weights]
     for name, tokens in zip(names, available):
         if tokens == 0:
-            raise ValueError(f"{name} has no documents to draw (none of at least {min_length} tokens?)")
+            raise DataError(
+                f"{name} has no documents to draw (none of at least --min-length {min_length} tokens); "
+                "lower --min-length or use --short pack"
+            )
     total = num_tokens if num_tokens is not None else int(min(a / w for a, w in zip(available, weights)))
 
     plan = Plan(units=[])
@@ -175,14 +189,25 @@ class _ShortStream:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, PROG)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from ttt_train.data import indexed  # imports megatron (seconds): after --help
     from ttt_train.data.tokenizer import load_tokenizer
 
     started = time.time()
-    tokenizer = load_tokenizer(args.tokenizer)
     prefixes = [prefix for prefix, _ in args.source]
     weights = [weight for _, weight in args.source]
+    spec = args.tokenizer or indexed.sidecar_tokenizer(prefixes[0], indexed.read_sidecar(prefixes[0]))
+    if spec is None:
+        raise DataError(f"{indexed.sidecar_path(prefixes[0])} names no tokenizer: pass --tokenizer")
+    outputs = [args.output_prefix + suffix for suffix in indexed.SUFFIXES]
+    sources = [prefix + suffix for prefix in prefixes for suffix in indexed.SUFFIXES]
+    cli.check_outputs(outputs, [*sources, *cli.tokenizer_files(spec)])
+    cli.refuse_existing(outputs, args.force)
+    tokenizer = load_tokenizer(spec)
     for prefix in prefixes:
         indexed.check_against_tokenizer(prefix, tokenizer, require_eod=True)
     datasets = [indexed.open_dataset(prefix) for prefix in prefixes]
@@ -197,43 +222,57 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         prefixes,
     )
+    if not plan.units:
+        dropped = sum(int((n < args.min_length).sum()) for n in lengths) if args.short == "drop" else 0
+        print(
+            f"{PROG}: error: no sequence to write; nothing was written. Left out:",
+            f"  long documents (>= --min-length {args.min_length}): none drawn",
+            f"  short documents dropped (--short drop): {dropped}",
+            f"  short tokens left over (fewer than one --seq-length {args.seq_length}): {plan.leftover_tokens}",
+            "Lower --seq-length or --min-length, or add data.",
+            sep="\n",
+            file=sys.stderr,
+        )
+        return 1
 
     def documents():
         for unit in tqdm(plan.units, desc="mixture", unit="seq", file=sys.stderr, dynamic_ncols=True):
             yield numpy.concatenate([datasets[i].get(d, offset=o, length=n) for i, d, o, n in unit])
 
     dtype = indexed.token_dtype(tokenizer.vocab_size)
-    num_units, tokens = indexed.write_documents(args.output_prefix, documents(), dtype)
-    meta = {
-        "tool": "data_tools.mixture",
-        "tokenizer": args.tokenizer,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "vocab_size": tokenizer.vocab_size,
-        "eod_id": tokenizer.eod_id,
-        "eod_delimited": True,
-        "dtype": dtype.__name__,
-        "documents": num_units,
-        "tokens": tokens,
-        "max_token_id": indexed.max_token_id(indexed.open_dataset(args.output_prefix), args.output_prefix),
-        "seq_length": args.seq_length,
-        "min_length": args.min_length,
-        "short": args.short,
-        "seed": args.seed,
-        "sources": [
-            {"prefix": p, "weight": w / sum(weights), **drawn}
-            for p, w, drawn in zip(prefixes, weights, plan.drawn)
-        ],
-        "long_documents": plan.long_documents,
-        "short_documents": plan.short_documents,
-        "split_documents": plan.split_documents,
-        "partial_sequences": plan.partial_units,
-        "leftover_tokens": plan.leftover_tokens,
-    }
-    indexed.write_sidecar(args.output_prefix, meta)
+    with indexed.atomic_outputs(args.output_prefix) as tmp:
+        num_units, tokens, largest = indexed.write_documents(tmp, documents(), dtype)
+        meta = {
+            "tool": "data_tools.mixture",
+            "tokenizer": tokenizer.spec,
+            "tokenizer_name": tokenizer.name,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "eod_id": tokenizer.eod_id,
+            "eod_delimited": True,
+            "dtype": dtype.__name__,
+            "documents": num_units,
+            "tokens": tokens,
+            "max_token_id": largest,
+            "seq_length": args.seq_length,
+            "min_length": args.min_length,
+            "short": args.short,
+            "seed": args.seed,
+            "sources": [
+                {"prefix": os.path.abspath(p), "weight": w / sum(weights), **drawn}
+                for p, w, drawn in zip(prefixes, weights, plan.drawn)
+            ],
+            "long_documents": plan.long_documents,
+            "short_documents": plan.short_documents,
+            "split_documents": plan.split_documents,
+            "partial_sequences": plan.partial_units,
+            "leftover_tokens": plan.leftover_tokens,
+        }
+        indexed.write_sidecar(tmp, meta)
     print(f"wrote {args.output_prefix}.bin/.idx ({meta['dtype']}) and {args.output_prefix}.meta.json")
-    for source in meta["sources"]:
+    for prefix, source in zip(prefixes, meta["sources"]):
         print(
-            f"  {source['prefix']}: weight {source['weight']:.3f}  documents {source['documents']}  "
+            f"  {prefix}: weight {source['weight']:.3f}  documents {source['documents']}  "
             f"tokens {source['tokens']}  passes {source['epochs']}"
         )
     print(

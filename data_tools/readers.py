@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from ttt_train.data.errors import DataError, DataFileNotFoundError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt",)
 TXT_MODES = ("file", "paragraph", "line")
@@ -85,7 +87,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     for pattern in patterns:
         matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
         if not matches:
-            raise FileNotFoundError(f"input {pattern!r}: no such file")
+            raise DataFileNotFoundError(f"input {pattern!r}: no such file; check the path or the glob's quoting")
         for path in matches:
             input_format(path)
             if path not in files:
@@ -102,7 +104,9 @@ def input_format(path: str) -> str:
         return "text"
     if path.endswith(".parquet"):
         return "parquet"
-    raise ValueError(f"input {path!r}: unknown format (expected .jsonl/.json/.ndjson/.txt[.gz] or .parquet)")
+    raise DataError(
+        f"input {path!r}: unknown format; rename it or convert it to .jsonl/.json/.ndjson/.txt[.gz] or .parquet"
+    )
 
 
 def iter_records(path: str, text_field: str, txt_mode: str) -> Iterator[Record]:

@@ -7,25 +7,29 @@ Record i uses task TASKS[i % len(TASKS)] and seed SEED + i, so any record can be
 --output writes JSON lines (task, context, query, answer, length_tokens, seed, text); --output-prefix
 writes the `text` of each record, ended with EOD, as a megatron-core indexed dataset (.bin/.idx) with
 a .meta.json sidecar. Lengths are in tokens of --tokenizer (default: the byte-level tokenizer).
+Outputs are written atomically; existing ones are replaced only with --force.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
 import numpy
 from tqdm import tqdm
 
-from data_tools.cli import doc_parser
+from data_tools import cli
 from ttt_train.data.synthetic import TASKS, generate
 from ttt_train.data.tokenizer import load_tokenizer
 
+PROG = "python -m data_tools.synthetic"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = doc_parser("python -m data_tools.synthetic", __doc__)
+    parser = cli.doc_parser(PROG, __doc__)
     parser.add_argument(
         "tasks", nargs="+", choices=sorted(TASKS), metavar="TASK", help=f"one or more of {', '.join(TASKS)}"
     )
@@ -48,7 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-hops", type=int, default=4, help="variable_tracking: assignments per chain after the first"
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    args = parser.parse_args(argv)
+    if args.num < 1 or args.length < 1:
+        parser.error(f"--num and --length must be >= 1, got {args.num} and {args.length}")
+    return args
 
 
 def task_options(args: argparse.Namespace) -> dict[str, dict]:
@@ -60,7 +68,19 @@ def task_options(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, PROG)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.output:
+        outputs = [args.output]
+    else:
+        from ttt_train.data import indexed  # imports megatron (seconds): only when writing a dataset
+
+        outputs = [args.output_prefix + suffix for suffix in indexed.SUFFIXES]
+    cli.check_outputs(outputs, cli.tokenizer_files(args.tokenizer))
+    cli.refuse_existing(outputs, args.force)
     tokenizer = load_tokenizer(args.tokenizer)
     options = task_options(args)
     records = []
@@ -69,44 +89,45 @@ def main(argv: list[str] | None = None) -> int:
         records.append(generate(task, args.length, args.seed + i, tokenizer, **options[task]))
 
     if args.output:
-        with open(args.output, "w") as f:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
+        os.replace(tmp, args.output)
         written = args.output
     else:
-        from ttt_train.data import indexed  # imports megatron (seconds): only when writing a dataset
-
         documents = [numpy.asarray(tokenizer.encode(r["text"]) + [tokenizer.eod_id]) for r in records]
         dtype = indexed.token_dtype(tokenizer.vocab_size)
-        _, tokens = indexed.write_documents(args.output_prefix, documents, dtype)
-        indexed.write_sidecar(
-            args.output_prefix,
-            {
-                "tool": "data_tools.synthetic",
-                "tokenizer": args.tokenizer,
-                "tokenizer_fingerprint": tokenizer.fingerprint,
-                "vocab_size": tokenizer.vocab_size,
-                "eod_id": tokenizer.eod_id,
-                "eod_delimited": True,
-                "dtype": dtype.__name__,
-                "documents": len(documents),
-                "tokens": tokens,
-                "max_token_id": max((int(d.max()) for d in documents), default=-1),
-                "tasks": args.tasks,
-                "length": args.length,
-                "seed": args.seed,
-                "options": {task: options[task] for task in args.tasks},
-            },
-        )
+        with indexed.atomic_outputs(args.output_prefix) as tmp:
+            _, tokens, largest = indexed.write_documents(tmp, documents, dtype)
+            indexed.write_sidecar(
+                tmp,
+                {
+                    "tool": "data_tools.synthetic",
+                    "tokenizer": tokenizer.spec,
+                    "tokenizer_name": tokenizer.name,
+                    "tokenizer_fingerprint": tokenizer.fingerprint,
+                    "vocab_size": tokenizer.vocab_size,
+                    "eod_id": tokenizer.eod_id,
+                    "eod_delimited": True,
+                    "dtype": dtype.__name__,
+                    "documents": len(documents),
+                    "tokens": tokens,
+                    "max_token_id": largest,
+                    "tasks": args.tasks,
+                    "length": args.length,
+                    "seed": args.seed,
+                    "options": {task: options[task] for task in args.tasks},
+                },
+            )
         written = f"{args.output_prefix}.bin/.idx"
 
     lengths = [r["length_tokens"] for r in records]
     per_task = Counter(r["task"] for r in records)
     print(f"wrote {written}: {len(records)} records ({', '.join(f'{t}: {n}' for t, n in per_task.items())})")
-    if lengths:
-        print(
-            f"  length in tokens (target {args.length}): min {min(lengths)}  mean {sum(lengths) / len(lengths):.1f}  max {max(lengths)}"
-        )
+    print(
+        f"  length in tokens (target {args.length}): min {min(lengths)}  mean {sum(lengths) / len(lengths):.1f}  max {max(lengths)}"
+    )
     return 0
 
 

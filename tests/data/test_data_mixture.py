@@ -1,3 +1,4 @@
+import os
 from collections import Counter
 
 import numpy
@@ -110,7 +111,7 @@ def test_mixture_preserves_document_boundaries(sources, tmp_path, byte_tokenizer
             assert any(doc in original for original in originals)
 
 
-def test_mixture_is_deterministic_and_refuses_a_foreign_tokenizer(sources, tmp_path):
+def test_mixture_is_deterministic_and_refuses_a_foreign_tokenizer(sources, tmp_path, capsys):
     root, _ = sources
     common = ["--source", str(root / "long"), "1", "--source", str(root / "short"), "1", "--seq-length", "64"]
     common += ["--min-length", "200", "--seed", "5"]
@@ -118,6 +119,55 @@ def test_mixture_is_deterministic_and_refuses_a_foreign_tokenizer(sources, tmp_p
     assert mixture.main([*common, "--output-prefix", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
     assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
+    assert indexed.read_sidecar(str(tmp_path / "a"))["tokenizer"] == "byte"  # the sources' tokenizer by default
     foreign = write_word_tokenizer(tmp_path / "words.json", 200)
-    with pytest.raises(ValueError, match="token id 256 >= vocab size 200"):
-        mixture.main([*common, "--output-prefix", str(tmp_path / "c"), "--tokenizer", foreign])
+    assert mixture.main([*common, "--output-prefix", str(tmp_path / "c"), "--tokenizer", foreign]) == 2
+    assert "was tokenized with tokenizer 'byte'" in capsys.readouterr().err
+    assert not any(tmp_path.glob("c.*"))
+
+
+def test_mixture_never_writes_over_a_source(sources, tmp_path, capsys):
+    """The output prefix is a source, reached directly, through a symbolic link, or as a hard link."""
+    root, _ = sources
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.name.startswith("short.")}
+    (tmp_path / "link").symlink_to(root)
+    os.link(root / "short.idx", tmp_path / "hard.idx")
+    common = ["--source", str(root / "short"), "1", "--seq-length", "64", "--min-length", "200", "--force"]
+    for out in (root / "short", tmp_path / "link" / "short", tmp_path / "hard"):
+        assert mixture.main([*common, "--output-prefix", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "would overwrite the input" in err and str(root / "short.") in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.name.startswith("short.")} == before
+
+
+def test_mixture_replaces_outputs_only_with_force_and_atomically(sources, tmp_path, capsys, monkeypatch):
+    root, _ = sources
+    common = ["--source", str(root / "short"), "1", "--seq-length", "64", "--min-length", "200"]
+    out = ["--output-prefix", str(tmp_path / "mix")]
+    assert mixture.main([*common, *out]) == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert mixture.main([*common, *out, "--seed", "9"]) == 2
+    assert "mix.bin already exists: pass --force to replace it" in capsys.readouterr().err
+
+    def broken(prefix, documents, dtype):  # a crash in the middle of writing
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(indexed, "write_documents", broken)
+    with pytest.raises(RuntimeError, match="disk full"):  # not a data error: the traceback is kept
+        mixture.main([*common, *out, "--seed", "9", "--force"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first  # old output intact, no debris
+    monkeypatch.undo()
+    assert mixture.main([*common, *out, "--seed", "9", "--force"]) == 0
+    assert (tmp_path / "mix.bin").read_bytes() != first["mix.bin"] and len(list(tmp_path.iterdir())) == 3
+
+
+def test_mixture_without_sequences_fails_and_writes_nothing(sources, tmp_path, capsys):
+    root, _ = sources
+    common = ["--source", str(root / "short"), "1", "--min-length", "200", "--output-prefix", str(tmp_path / "m")]
+    assert mixture.main([*common, "--seq-length", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "no sequence to write; nothing was written" in err
+    assert "short tokens left over (fewer than one --seq-length 100000): " in err
+    assert mixture.main([*common, "--seq-length", "64", "--short", "drop"]) == 2
+    assert "has no documents to draw (none of at least --min-length 200 tokens)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import re
@@ -24,7 +26,8 @@ import torch
 from ttt_train.config_keys import checked_mapping
 from ttt_train.data import indexed
 from ttt_train.data.documents import document_ids_from_tokens
-from ttt_train.data.tokenizer import Tokenizer, load_tokenizer
+from ttt_train.data.errors import DataError
+from ttt_train.data.tokenizer import Tokenizer, check_model_vocab, load_tokenizer
 
 with warnings.catch_warnings():  # importing megatron.core warns that TE/Apex are absent: expected here
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -50,7 +53,8 @@ class DataConfig:
     blend: datasets and weights (samples are drawn in proportion to the weights).
     split: train,valid,test proportions of each dataset's documents, e.g. "98,1,1".
     seq_length: tokens per sample. seed: megatron's shuffling seed (fixes the sample order).
-    cache_dir: where megatron writes its index caches. tokenizer / eod_token: see `load_tokenizer`.
+    cache_dir: where megatron writes its index caches, in a subfolder per `dataset_fingerprint`
+    (rebuilding a dataset in place never reads stale indices). tokenizer / eod_token: see `load_tokenizer`.
     eod_mask_loss: no loss on the token after an EOD (the first token of the next document).
     reset_position_ids: position ids restart at 0 in every document.
     num_workers: DataLoader worker processes.
@@ -180,29 +184,61 @@ class MegatronTokenizerAdapter(MegatronTokenizerBase):
         raise NotImplementedError("pretraining data has no chat template")
 
 
+def dataset_fingerprint(cfg: DataConfig) -> str:
+    """sha256 identifying the samples of `cfg`: each dataset's identity (`indexed.dataset_identity`:
+    its content, not its path), the normalised weights, split, seq_length and seed. For the
+    checkpoint manifest, and the key of the index cache folder."""
+    total = sum(float(entry.weight) for entry in cfg.blend)
+    split = [float(x) for x in cfg.split.split(",")]
+    split += [0.0] * (3 - len(split))
+    described = {
+        "datasets": [[indexed.dataset_identity(e.path), float(e.weight) / total] for e in cfg.blend],
+        "split": [x / sum(split) for x in split],
+        "seq_length": cfg.seq_length,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
 def build_datasets(
-    cfg: DataConfig, tokenizer: Tokenizer | None = None, num_samples: tuple[int, int, int] = (0, 0, 0)
+    cfg: DataConfig,
+    tokenizer: Tokenizer | None = None,
+    num_samples: tuple[int, int, int] = (0, 0, 0),
+    *,
+    model_vocab_size: int | None = None,
 ) -> tuple[GPTDataset | None, ...]:
     """(train, valid, test) megatron datasets of at least `num_samples` samples each (None for a
-    split with no share). Each dataset is first checked against the tokenizer (vocab, EOD id,
-    documents ending in EOD). Call on every rank: with torch.distributed initialised, rank 0 builds
-    the index caches in `cfg.cache_dir` first and the other ranks then read them. The cache is keyed
-    by the paths, not the contents: rebuilding a dataset in place needs a fresh `cache_dir`.
+    split with no share). Each dataset is first checked against the tokenizer (its fingerprint,
+    vocab, EOD id, documents ending in EOD) and, given `model_vocab_size`, its largest token id
+    against the model's vocabulary (from the sidecar, or one scan). Call on every rank: with
+    torch.distributed initialised, rank 0 builds the index caches in
+    `cfg.cache_dir/<dataset_fingerprint>` first and the other ranks then read them.
     """
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, cfg.eod_token)
+    if model_vocab_size is not None:
+        check_model_vocab(model_vocab_size, tokenizer)
     for entry in cfg.blend:
         indexed.check_against_tokenizer(entry.path, tokenizer, require_eod=True)
+        largest = indexed.largest_token_id(entry.path)
+        if model_vocab_size is not None and largest >= model_vocab_size:
+            raise DataError(
+                f"dataset {entry.path!r} holds token id {largest} >= model.vocab_size {model_vocab_size}: "
+                "raise model.vocab_size or re-tokenize the dataset"
+            )
     prefixes = [entry.path for entry in cfg.blend]
     weights = [float(entry.weight) for entry in cfg.blend] if len(prefixes) > 1 else None
     # megatron-core 0.16.1's BlendedDataset asks torch.distributed for the rank on a cache miss even
     # when it is not initialised: a blend outside torch.distributed builds its indices in memory.
     cached = weights is None or torch.distributed.is_initialized()
+    # megatron keys its cache by the dataset paths: a folder per data identity keeps a dataset
+    # rebuilt in place from meeting the indices of its previous version.
+    cache = os.path.join(cfg.cache_dir, dataset_fingerprint(cfg)[:20])
     config = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
         blend=(prefixes, weights),
         split=cfg.split,
-        path_to_cache=cfg.cache_dir if cached else None,
+        path_to_cache=cache if cached else None,
         tokenizer=MegatronTokenizerAdapter(tokenizer),
         reset_position_ids=cfg.reset_position_ids,
         reset_attention_mask=False,

@@ -1,17 +1,22 @@
 """megatron-core indexed datasets (`PREFIX.bin` + `PREFIX.idx`) and their sidecar `PREFIX.meta.json`:
-writing documents, merging pieces, and checking a dataset against a tokenizer.
+writing documents atomically, merging pieces, a dataset's identity, and checking it against a tokenizer.
 
 Every tool here writes one megatron sequence per document (GPTDataset's unit) and records in the
-sidecar what built it (tokenizer, EOD id, largest token id), so a mismatch is caught before training.
+sidecar what built it (tokenizer spec and fingerprint, EOD id, largest token id, the sizes of the two
+files), so a mismatch is caught before training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy
 from tqdm import tqdm
@@ -20,9 +25,12 @@ with warnings.catch_warnings():  # importing megatron.core warns that TE/Apex ar
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from ttt_train.data.errors import DataError, DataFileNotFoundError
 from ttt_train.data.tokenizer import Tokenizer
 
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a .bin for its largest id
+_HASH_CHUNK = 1 << 24  # bytes per read when hashing a .idx
+SUFFIXES = (".bin", ".idx", ".meta.json")  # the files of a dataset, in the order they are published
 
 
 def token_dtype(vocab_size: int) -> type[numpy.number]:
@@ -31,41 +39,62 @@ def token_dtype(vocab_size: int) -> type[numpy.number]:
     return numpy.uint16 if vocab_size <= numpy.iinfo(numpy.uint16).max + 1 else numpy.int32
 
 
-def write_documents(prefix: str, documents: Iterable, dtype: type[numpy.number]) -> tuple[int, int]:
-    """Write each document (1-D int array-like) as one sequence; returns (documents, tokens).
-    The prefix's folder is created if missing."""
+def write_documents(prefix: str, documents: Iterable, dtype: type[numpy.number]) -> tuple[int, int, int]:
+    """Write each document (1-D int array-like) as one sequence; returns (documents, tokens, largest
+    token id or -1). The prefix's folder is created if missing. Write to a prefix of
+    `atomic_outputs` so that nothing half-written is ever seen under the final name."""
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     num_docs = num_tokens = 0
+    largest = -1
     for doc in documents:
         doc = numpy.asarray(doc)
         builder.add_document(doc, [doc.size])
         num_docs += 1
         num_tokens += doc.size
+        largest = max(largest, int(doc.max())) if doc.size else largest
     builder.finalize(prefix + ".idx")
-    return num_docs, num_tokens
+    return num_docs, num_tokens, largest
 
 
 def merge_datasets(prefixes: list[str], out_prefix: str, dtype: type[numpy.number]) -> None:
-    """Concatenate datasets in order into `out_prefix`, atomically (temporary files, then rename)."""
-    tmp = out_prefix + ".tmp"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    """Concatenate datasets in order into `out_prefix` (a prefix of `atomic_outputs`)."""
+    builder = IndexedDatasetBuilder(out_prefix + ".bin", dtype=dtype)
     gc.freeze()  # add_index runs gc.collect() per dataset: skip the (large, long-lived) existing heap
     try:
         for prefix in prefixes:
             builder.add_index(prefix)
     finally:
         gc.unfreeze()
-    builder.finalize(tmp + ".idx")
-    os.replace(tmp + ".bin", out_prefix + ".bin")
-    os.replace(tmp + ".idx", out_prefix + ".idx")
+    builder.finalize(out_prefix + ".idx")
+
+
+@contextlib.contextmanager
+def atomic_outputs(prefix: str) -> Iterator[str]:
+    """Yield a temporary prefix beside `prefix` to write the dataset (.bin, .idx, .meta.json) under.
+    On success the files replace PREFIX's by rename (an old .meta.json is removed first, the new one
+    comes last: a dataset is complete when its sidecar describes its files); on an exception the
+    temporary files are removed."""
+    tmp = f"{prefix}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException:
+        for suffix in SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp + suffix)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(sidecar_path(prefix))
+    for suffix in SUFFIXES:
+        if os.path.exists(tmp + suffix):
+            os.replace(tmp + suffix, prefix + suffix)
 
 
 def open_dataset(prefix: str) -> IndexedDataset:
     """Open `prefix`, refusing with the missing path named when it is absent."""
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
-            raise FileNotFoundError(f"indexed dataset {prefix!r}: {prefix + suffix} not found")
+            raise DataFileNotFoundError(f"indexed dataset {prefix!r}: {prefix + suffix} not found")
     return IndexedDataset(prefix)
 
 
@@ -74,17 +103,71 @@ def sidecar_path(prefix: str) -> str:
 
 
 def read_sidecar(prefix: str) -> dict | None:
+    """PREFIX.meta.json, or None when absent; refused when it records file sizes that PREFIX.bin/.idx
+    do not have (the dataset was rebuilt or replaced without it)."""
     path = sidecar_path(prefix)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not readable JSON ({err}); rebuild the dataset or delete the file") from err
+    for suffix in (".bin", ".idx"):
+        recorded = meta.get(f"{suffix[1:]}_bytes")
+        if recorded is not None and os.path.exists(prefix + suffix) and os.path.getsize(prefix + suffix) != recorded:
+            raise DataError(
+                f"{path} describes a {suffix} of {recorded} bytes but {prefix + suffix} has "
+                f"{os.path.getsize(prefix + suffix)}: the dataset changed without its sidecar; rebuild it"
+            )
+    return meta
 
 
 def write_sidecar(prefix: str, meta: dict) -> None:
-    with open(sidecar_path(prefix), "w") as f:
+    """Write PREFIX.meta.json (atomically), adding the sizes of PREFIX.bin/.idx (`bin_bytes`,
+    `idx_bytes`) that `read_sidecar` checks."""
+    meta = {**meta, **{f"{s[1:]}_bytes": os.path.getsize(prefix + s) for s in (".bin", ".idx")}}
+    path = sidecar_path(prefix)
+    with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def sidecar_tokenizer(prefix: str, meta: dict | None) -> str | None:
+    """The tokenizer spec recorded in PREFIX's sidecar ("byte" or a path), or None. A relative path
+    (older sidecars) is taken relative to the sidecar's folder."""
+    spec = (meta or {}).get("tokenizer")
+    if spec is None or spec == "byte" or os.path.isabs(os.path.expanduser(spec)):
+        return spec
+    return str(Path(sidecar_path(prefix)).resolve().parent / spec)
+
+
+def dataset_identity(prefix: str) -> str:
+    """sha256 identifying PREFIX's data whatever its path or mtime: of the .idx bytes (every
+    document length and boundary: all megatron's indices depend on), the .bin size, and the tokenizer
+    fingerprint of the sidecar. Rebuilding a dataset in place changes it."""
+    meta = read_sidecar(prefix) or {}
+    open_dataset(prefix)  # refuses a missing file by name
+    bin_size = os.path.getsize(prefix + ".bin")
+    parts = [_file_sha256(prefix + ".idx", *_stat_key(prefix + ".idx")), str(bin_size), str(meta.get("tokenizer_fingerprint"))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _stat_key(path: str) -> tuple[str, int, int, int, int]:
+    """What changes whenever `path`'s content may have: resolved path, device, inode, size, mtime."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, *stat_key) -> str:
+    """sha256 of the file, cached per process by `stat_key` (a rebuild gets a new one)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def tokens_array(dataset: IndexedDataset, prefix: str) -> numpy.ndarray:
@@ -111,38 +194,66 @@ def sequences_without_eod(dataset: IndexedDataset, prefix: str, eod_id: int) -> 
     return numpy.flatnonzero(~ok)
 
 
-def check_against_tokenizer(prefix: str, tokenizer: Tokenizer, require_eod: bool = True) -> None:
-    """Refuse (ValueError naming the dataset) a dataset that `tokenizer` did not build: a dtype too
-    small for the vocabulary, a token id >= vocab size, a different EOD id, or (with `require_eod`)
-    documents not delimited by EOD, whose boundaries would be lost in packed sequences.
+def largest_token_id(prefix: str) -> int:
+    """The largest token id of PREFIX: from its sidecar, else by scanning the .bin (once per process
+    and version of the file)."""
+    meta = read_sidecar(prefix) or {}
+    if "max_token_id" in meta:
+        return int(meta["max_token_id"])
+    return _scanned_max_token_id(prefix, *_stat_key(prefix + ".bin"))
 
-    The sidecar, when there is one, gives the largest id, the EOD id and `eod_delimited`; otherwise
-    the .bin is scanned (and every document must end with EOD).
+
+@functools.lru_cache(maxsize=256)
+def _scanned_max_token_id(prefix: str, *stat_key) -> int:
+    return max_token_id(open_dataset(prefix), prefix)
+
+
+def check_fingerprint(prefix: str, meta: dict | None, tokenizer: Tokenizer) -> None:
+    """Refuse (DataError) `tokenizer` when PREFIX's sidecar `meta` records another tokenizer's
+    fingerprint (a dataset without one passes: see `check_against_tokenizer`)."""
+    built_with = (meta or {}).get("tokenizer_fingerprint")
+    if built_with is not None and not tokenizer.matches(built_with):
+        raise DataError(
+            f"dataset {prefix!r} was tokenized with tokenizer {meta.get('tokenizer')!r} (fingerprint "
+            f"{built_with[:12]}), not with {tokenizer.name!r} (fingerprint {tokenizer.fingerprint[:12]}): "
+            f"use the tokenizer it was built with, or re-tokenize it with {tokenizer.name!r}"
+        )
+
+
+def check_against_tokenizer(prefix: str, tokenizer: Tokenizer, require_eod: bool = True) -> None:
+    """Refuse (DataError naming the dataset and the fix) a dataset that `tokenizer` did not build:
+    another tokenizer fingerprint in the sidecar, a dtype too small for the vocabulary, a token id
+    >= vocab size, a different EOD id, or (with `require_eod`) documents not delimited by EOD, whose
+    boundaries would be lost in packed sequences.
+
+    The sidecar, when there is one, gives the fingerprint, the largest id, the EOD id and
+    `eod_delimited`; otherwise the .bin is scanned (and every document must end with EOD).
     """
     dataset = open_dataset(prefix)
+    meta = read_sidecar(prefix) or {}
+    check_fingerprint(prefix, meta, tokenizer)
     dtype, vocab = dataset.index.dtype, tokenizer.vocab_size
     if numpy.iinfo(dtype).max + 1 < vocab:
-        raise ValueError(
+        raise DataError(
             f"dataset {prefix!r}: token dtype {dtype.__name__} cannot hold the ids of tokenizer "
-            f"{tokenizer.name!r} (vocab size {vocab}): it was built with a different tokenizer"
+            f"{tokenizer.name!r} (vocab size {vocab}): it was built with a different tokenizer; re-tokenize it"
         )
-    meta = read_sidecar(prefix) or {}
-    largest = meta["max_token_id"] if "max_token_id" in meta else max_token_id(dataset, prefix)
+    largest = largest_token_id(prefix)
     if largest >= vocab:
-        raise ValueError(
+        raise DataError(
             f"dataset {prefix!r}: token id {largest} >= vocab size {vocab} of tokenizer "
-            f"{tokenizer.name!r}: it was built with a different tokenizer"
+            f"{tokenizer.name!r}: it was built with a different tokenizer; re-tokenize it"
         )
     if "eod_id" in meta and meta["eod_id"] != tokenizer.eod_id:
-        raise ValueError(
+        raise DataError(
             f"dataset {prefix!r}: built with EOD id {meta['eod_id']} but tokenizer {tokenizer.name!r} "
-            f"has EOD id {tokenizer.eod_id}"
+            f"has EOD id {tokenizer.eod_id}; pass the EOD token it was built with"
         )
     if not require_eod or meta.get("eod_delimited"):
         return
     missing = sequences_without_eod(dataset, prefix, tokenizer.eod_id)
     if meta.get("eod_delimited") is False or missing.size:
-        raise ValueError(
+        raise DataError(
             f"dataset {prefix!r}: documents are not delimited by EOD id {tokenizer.eod_id} "
             f"({missing.size} do not end with it); their boundaries would be lost. Re-tokenize with --append-eod"
         )

@@ -8,11 +8,14 @@ so the only EOD tokens in a dataset are the ones the pipeline appends: document 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import tokenizers
+
+from ttt_train.data.errors import DataError, DataFileNotFoundError
 
 BYTE_TOKENIZER_PATH = Path(__file__).parent / "assets" / "byte_tokenizer.json"
 
@@ -21,6 +24,10 @@ BYTE_TOKENIZER_PATH = Path(__file__).parent / "assets" / "byte_tokenizer.json"
 # ends a chat turn, not a pretraining document, so these come before it.
 _EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>")
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+# Parts of a serialized tokenizer that never change the ids the pipeline gets (it encodes without
+# special tokens, one text at a time): left out of the fingerprint, so a tokenizer.json file and the
+# HuggingFace directory holding it (which adds a post-processor) are the same tokenizer.
+_NOT_FINGERPRINTED = ("truncation", "padding", "post_processor")
 
 
 @dataclass(eq=False)
@@ -29,11 +36,12 @@ class Tokenizer:
 
     `vocab_size` counts added tokens (every id the tokenizer can emit is < vocab_size); the model may
     pad its embedding table beyond it. `pad_id` is None when the tokenizer has no pad token distinct
-    from EOD.
+    from EOD. `name` is the spec as given (for messages); `spec` is portable: "byte" or an absolute path.
     """
 
     backend: tokenizers.Tokenizer
     name: str
+    spec: str
     eod_id: int
     pad_id: int | None
 
@@ -55,8 +63,38 @@ class Tokenizer:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the serialized tokenizer: identifies it across paths and machines."""
-        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
+        """sha256 of the serialized tokenizer (canonical JSON, without the parts that never change
+        the pipeline's ids): identifies it across paths, machines and file/directory forms."""
+        serialized = json.loads(self.backend.to_str())
+        for key in _NOT_FINGERPRINTED:
+            serialized.pop(key, None)
+        return hashlib.sha256(json.dumps(serialized, sort_keys=True).encode()).hexdigest()
+
+    def matches(self, fingerprint: str) -> bool:
+        """Whether `fingerprint` (e.g. from a dataset's .meta.json) is this tokenizer's; the raw
+        sha256 of the serialized tokenizer that older datasets recorded is accepted too."""
+        return fingerprint in (self.fingerprint, hashlib.sha256(self.backend.to_str().encode()).hexdigest())
+
+    def manifest(self) -> dict:
+        """{"spec", "fingerprint", "vocab_size"}: what a dataset or checkpoint records about it."""
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size}
+
+
+def portable_spec(spec: str) -> str:
+    """"byte", or the absolute path of a tokenizer file or directory (usable from any folder)."""
+    spec = str(spec)
+    return spec if spec == "byte" else str(Path(spec).expanduser().resolve())
+
+
+def check_model_vocab(vocab_size: int, tokenizer: Tokenizer) -> None:
+    """Refuse (ValueError naming `model.vocab_size`) a model whose embedding table cannot hold every
+    id `tokenizer` emits; call before any compute, which would otherwise fail deep inside."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size {vocab_size!r} is smaller than the vocabulary of tokenizer "
+            f"{tokenizer.name!r} ({tokenizer.vocab_size} ids, EOD {tokenizer.eod_id}): set "
+            f"model.vocab_size >= {tokenizer.vocab_size}, or use the tokenizer the model was built for"
+        )
 
 
 def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
@@ -73,19 +111,20 @@ def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:
-            raise ValueError(f"tokenizer file {path} is not a readable tokenizer.json: {err}") from err
+            raise DataError(f"tokenizer file {path} is not a readable tokenizer.json: {err}") from err
         eos, pad = None, next((t for t in _PAD_CANDIDATES if backend.token_to_id(t) is not None), None)
     else:
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"tokenizer {spec!r}: no such file or directory "
             "(expected 'byte', a tokenizer.json file or a local tokenizer directory)"
         )
     eod = eod_token or next((t for t in _EOD_CANDIDATES if backend.token_to_id(t) is not None), eos)
     if eod is None or backend.token_to_id(eod) is None:
-        raise ValueError(f"tokenizer {spec!r}: no EOD token {eod!r} in its vocabulary; pass eod_token")
+        raise DataError(f"tokenizer {spec!r}: no EOD token {eod!r} in its vocabulary; pass eod_token")
     eod_id = backend.token_to_id(eod)
     pad_id = backend.token_to_id(pad) if pad is not None else None
-    return Tokenizer(backend, name=spec, eod_id=eod_id, pad_id=None if pad_id == eod_id else pad_id)
+    pad_id = None if pad_id == eod_id else pad_id
+    return Tokenizer(backend, name=spec, spec=portable_spec(spec), eod_id=eod_id, pad_id=pad_id)
 
 
 def _load_hf_directory(path: Path) -> tuple[tokenizers.Tokenizer, str | None, str | None]:
@@ -95,9 +134,9 @@ def _load_hf_directory(path: Path) -> tuple[tokenizers.Tokenizer, str | None, st
     try:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        raise ValueError(f"tokenizer directory {path} could not be loaded: {err}") from err
+        raise DataError(f"tokenizer directory {path} could not be loaded: {err}") from err
     if not getattr(hf, "is_fast", False):
-        raise ValueError(f"tokenizer directory {path} has no fast (tokenizer.json) tokenizer")
+        raise DataError(f"tokenizer directory {path} has no fast (tokenizer.json) tokenizer")
     return hf.backend_tokenizer, hf.eos_token, hf.pad_token
 
 
