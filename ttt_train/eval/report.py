@@ -1,0 +1,128 @@
+"""Tables (CSV, console) and plots (PNG, one line per model) from the result records."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(path, buffer.getvalue().encode())
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as aligned text columns (floats with 2 decimals)."""
+    if not rows:
+        return "(no results)"
+    cells = [list(rows[0])] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def _length_label(n: float) -> str:
+    return f"{int(n) // 1024}k" if n >= 1024 and n % 1024 == 0 else f"{n:g}"
+
+
+def _plot(path: Path, panels: dict[str, dict[str, list[tuple[float, float]]]], xlabel: str, ylabel: str,
+          log2_x: bool, ylim: tuple[float, float] | None = None) -> None:
+    """One subplot per panel, one line per model: panels[title][model] = [(x, y), ...]."""
+    columns = min(len(panels), 4)
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(4 * columns, 3.2 * rows), layout="constrained")
+    for i, (title, lines) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for model, points in lines.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=model)
+        if log2_x and all(x > 0 for line in lines.values() for x, _ in line):
+            ax.set_xscale("log", base=2)
+            ticks = sorted({x for line in lines.values() for x, _ in line})
+            ax.set_xticks(ticks, [_length_label(x) for x in ticks])
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _atomic_write(path, buffer.getvalue())
+
+
+def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: Path) -> list[dict]:
+    """ruler_scores.csv / .png: mean score x100 per model, length and task, and the task average."""
+    scores = defaultdict(list)
+    for r in records:
+        scores[r["model"], r["length"], r["task"]].append(r["score"])
+    rows, panels = [], defaultdict(lambda: defaultdict(list))
+    for model in models:
+        for length in sorted({length for m, length, _ in scores if m == model}):
+            row = {"model": model, "length": length}
+            for task in tasks:
+                values = scores.get((model, length, task))
+                row[task] = 100 * sum(values) / len(values) if values else float("nan")
+                if values:
+                    panels[task][model].append((length, row[task]))
+            present = [row[t] for t in tasks if not math.isnan(row[t])]
+            row["average"] = sum(present) / len(present)
+            row["samples"] = sum(len(scores.get((model, length, t), [])) for t in tasks)
+            panels["average over tasks"][model].append((length, row["average"]))
+            rows.append(row)
+    write_csv(out / "ruler_scores.csv", rows)
+    if rows:
+        _plot(out / "ruler_scores.png", dict(panels), "length (tokens)", "score (x100)", log2_x=True,
+              ylim=(-3, 103))
+    return rows
+
+
+def sliding_ppl_report(records: list[dict], models: list[str], out: Path) -> list[dict]:
+    """sliding_ppl.csv / perplexity_vs_context.png (final block) and loss_by_position.csv / .png."""
+    block = defaultdict(lambda: [0.0, 0, 0])
+    position = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for r in records:
+        if r["kind"] == "final_block":
+            acc = block[r["model"], r["length"]]
+            acc[0] += r["loss_sum"]
+            acc[1] += r["tokens"]
+            acc[2] += 1
+        else:
+            edges = r["bucket_edges"]
+            for a, b, total in zip(edges, edges[1:], r["bucket_loss_sums"]):
+                acc = position[r["model"]][a, b]
+                acc[0] += total
+                acc[1] += b - a
+    rows, ppl_lines, pos_rows, pos_lines = [], {}, [], {}
+    for model in models:
+        for context in sorted(c for m, c in block if m == model):
+            loss, tokens, docs = block[model, context]
+            rows.append({"model": model, "context": context, "documents": docs, "tokens": tokens,
+                         "loss": loss / tokens, "perplexity": math.exp(loss / tokens)})
+            ppl_lines.setdefault(model, []).append((context, math.exp(loss / tokens)))
+        for (a, b), (loss, tokens) in sorted(position.get(model, {}).items()):
+            if tokens:
+                pos_rows.append({"model": model, "position_start": a, "position_end": b, "loss": loss / tokens})
+                pos_lines.setdefault(model, []).append(((a + b) / 2, loss / tokens))
+    write_csv(out / "sliding_ppl.csv", rows)
+    write_csv(out / "loss_by_position.csv", pos_rows)
+    if ppl_lines:
+        _plot(out / "perplexity_vs_context.png", {"final block perplexity": ppl_lines},
+              "preceding context (tokens)", "perplexity", log2_x=False)
+    if pos_lines:
+        _plot(out / "loss_by_position.png", {"loss by token position": pos_lines}, "position (tokens)", "loss",
+              log2_x=False)
+    return rows

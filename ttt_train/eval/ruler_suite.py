@@ -1,0 +1,104 @@
+"""`suite=ruler`: every model x length x task x sample, generated, answered greedily and scored;
+one record per sample appended to the results file as soon as it is scored."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+
+from tqdm import tqdm
+
+from ttt_train.eval.generation import count_tokens, greedy_generate
+from ttt_train.eval.haystack import make_haystack
+from ttt_train.eval.models import ModelEntry, load_model
+from ttt_train.eval.results import ResultsFile
+from ttt_train.eval.ruler import TASKS, make_sample
+from ttt_train.eval.scoring import METRICS
+
+
+def record_key(record: dict) -> tuple:
+    return record["model_path"], record["task"], record["length"], record["index"]
+
+
+def check_suite(suite: dict) -> None:
+    """Refuse unknown tasks, missing max_new_tokens and task options the generators do not take."""
+    unknown = [t for t in suite["tasks"] if t not in TASKS]
+    if unknown or not suite["tasks"]:
+        raise ValueError(f"suite.tasks: unknown {unknown or 'empty list'}; choose from {sorted(TASKS)}")
+    for task in suite["tasks"]:
+        if not isinstance(suite["max_new_tokens"].get(task), int) or suite["max_new_tokens"][task] < 1:
+            raise ValueError(f"suite.max_new_tokens.{task}: a positive integer is needed")
+        build, section = TASKS[task]
+        accepted = set(inspect.signature(build).parameters) - {"rng", "n", "haystack"}
+        extra = set(suite.get(section) or {}) - accepted
+        if extra:
+            raise ValueError(f"suite.{section}: unknown option(s) {sorted(extra)}; accepted: {sorted(accepted)}")
+    if suite["metric"] not in METRICS:
+        raise ValueError(f"suite.metric={suite['metric']!r}: choose from {sorted(METRICS)}")
+
+
+def model_lengths(lengths: list[int] | None, context: int, extrapolate: bool) -> list[int]:
+    """The lengths evaluated for a model of `context` tokens: the given ones up to the context (all
+    of them with `extrapolate`), or powers of two from 1024 up to the context when none are given."""
+    if lengths is None:
+        return [2**k for k in range(10, context.bit_length()) if 2**k <= context]
+    return [n for n in lengths if extrapolate or n <= context]
+
+
+def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], results: ResultsFile,
+              device: str) -> None:
+    """Evaluate what `results` lacks; `contexts`: each model's context length (by label)."""
+    suite = cfg["suite"]
+    tasks, samples = suite["tasks"], cfg["samples"]
+    plan = {}
+    for entry in entries:
+        lengths = model_lengths(cfg["lengths"], contexts[entry.label], cfg["extrapolate"])
+        skipped = sorted(set(cfg["lengths"] or []) - set(lengths))
+        if skipped:
+            print(f"{entry.label}: skipping lengths {skipped} beyond its context {contexts[entry.label]} "
+                  "(extrapolate=true evaluates them)")
+        plan[entry.label] = [
+            (length, task, index)
+            for length in lengths for task in tasks for index in range(samples)
+            if (entry.source, task, length, index) not in results.done
+        ]
+    total = sum(length for todo in plan.values() for length, _, _ in todo)
+    if not total:
+        return
+    haystack = make_haystack(suite["haystack"], suite["haystack_path"])
+    metric = METRICS[suite["metric"]]
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="ruler", dynamic_ncols=True)
+    for entry in entries:
+        todo = plan[entry.label]
+        if not todo:
+            continue
+        model, tokenizer = load_model(entry.hf_dir, dtype=cfg["dtype"], device=device,
+                                         ttt_lr=cfg["ttt"]["lr"], ttt_max_update_norm=cfg["ttt"]["max_update_norm"])
+        groups: dict[tuple[int, str], list[int]] = {}
+        for length, task, index in todo:
+            groups.setdefault((length, task), []).append(index)
+        for (length, task), indices in groups.items():
+            guess = 64
+            for start in range(0, len(indices), cfg["batch_size"]):
+                batch = []
+                for index in indices[start:start + cfg["batch_size"]]:
+                    sample, guess = make_sample(
+                        task, dict(suite.get(TASKS[task][1]) or {}), length=length, index=index,
+                        seed=cfg["seed"], haystack=haystack, count_tokens=lambda t: count_tokens(tokenizer, t),
+                        max_new_tokens=suite["max_new_tokens"][task], answer_prefix=suite["answer_prefix"],
+                        guess=guess,
+                    )
+                    batch.append(sample)
+                outputs = greedy_generate(model, tokenizer, [s.prompt for s in batch], batch[0].max_new_tokens)
+                for sample, output in zip(batch, outputs):
+                    results.append({
+                        "suite": "ruler", "model": entry.label, "model_path": entry.source, "task": task,
+                        "length": length, "index": sample.index, "score": metric(output, sample.references),
+                        "output": output, "references": sample.references,
+                        "prompt_tokens": sample.prompt_tokens,
+                    })
+                    bar.update(length)
+                bar.set_postfix_str(f"{entry.label} {task} {length}")
+        del model
+        gc.collect()
+    bar.close()
