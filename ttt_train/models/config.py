@@ -7,27 +7,46 @@ reads one. Values are validated once, in `validate()`, with errors that name the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ttt_train.config_keys import checked_mapping
+from ttt_train.config_keys import build, check_fields, checked
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
 @dataclass
 class YarnConfig:
-    """YaRN rotary extension (stage 2 of the curriculum): `factor` over `original_max_position_embeddings`."""
+    """YaRN rotary extension (stage 2 of the curriculum): `factor` over `original_max_position_embeddings`.
 
-    factor: float = 4.0
-    original_max_position_embeddings: int = 32768
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
+    beta_fast / beta_slow: the rotation counts bounding the ramp between interpolated and kept
+    frequencies; mscale / mscale_all_dim: the attention (concentration) factor is
+    (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1) (defaults: HF's
+    0.1 ln(factor) + 1); correction_range_round_to_int: round the ramp's bounds to whole dimensions
+    (HF's `truncate`).
+    """
+
+    factor: float = checked(4.0, ge=1.0)
+    original_max_position_embeddings: int = checked(32768, ge=1)
+    beta_fast: float = checked(32.0, gt=0.0)
+    beta_slow: float = checked(1.0, gt=0.0)
+    mscale: float = checked(1.0, ge=0.0)
+    mscale_all_dim: float = checked(0.0, ge=0.0)
+    correction_range_round_to_int: bool = True
+
+    def validate(self, section: str = "model.yarn") -> YarnConfig:
+        check_fields(self, section)
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(f"{section}.beta_fast: must be greater than beta_slow={self.beta_slow}, "
+                             f"got {self.beta_fast}")
+        return self
+
+    @classmethod
+    def from_dict(cls, values) -> YarnConfig:
+        """Build from a plain mapping (YAML, Hydra); unknown keys and wrong types are errors naming them."""
+        return build(cls, values, "model.yarn").validate()
 
 
 @dataclass
@@ -37,50 +56,49 @@ class ModelConfig:
     `head_dim` may differ from hidden_size / num_attention_heads (Qwen3). `num_query_groups` is the
     number of key/value heads. `sliding_window` (tokens, or None) gives every layer sliding-window
     attention. `llama3_rope_factor` enables Llama-3.1's frequency-dependent RoPE scaling.
-    `yarn` (or None) switches the rotary embedding to YaRN.
+    `yarn` (or None) switches the rotary embedding to YaRN. `extra`: free-form notes, unused by the model.
     """
 
     name: str = "tiny"
-    num_layers: int = 4
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    head_dim: int | None = None
-    vocab_size: int = 320
-    max_position_embeddings: int = 4096
-    rotary_base: float = 10000.0
-    llama3_rope_factor: float | None = None
+    num_layers: int = checked(4, ge=1)
+    hidden_size: int = checked(64, ge=1)
+    ffn_hidden_size: int = checked(128, ge=1)
+    num_attention_heads: int = checked(4, ge=1)
+    num_query_groups: int = checked(2, ge=1)
+    head_dim: int | None = checked(None, ge=1)
+    vocab_size: int = checked(320, ge=1)
+    max_position_embeddings: int = checked(4096, ge=1)
+    rotary_base: float = checked(10000.0, gt=1.0)
+    llama3_rope_factor: float | None = checked(None, ge=1.0)
     yarn: YarnConfig | None = None
     qk_layernorm: bool = True
     tie_embeddings: bool = True
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    sliding_window: int | None = None
-    make_vocab_size_divisible_by: int = 128
-    backend: str = "local"
+    norm_eps: float = checked(1e-6, gt=0.0, lt=1.0)
+    init_std: float = checked(0.02, gt=0.0)
+    sliding_window: int | None = checked(None, ge=1)
+    make_vocab_size_divisible_by: int = checked(128, ge=1)
+    backend: str = checked("local", choices=("local", "te"))
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ModelConfig:
+        """Check types, ranges and cross-field rules; raise ValueError naming `model.<key>`."""
         def need(cond: bool, key: str, msg: str) -> None:
             if not cond:
                 raise ValueError(f"model.{key}: {msg} (model {self.name!r})")
 
-        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                    "num_query_groups", "vocab_size", "max_position_embeddings"):
-            value = getattr(self, key)
-            need(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
+        try:
+            check_fields(self, "model")
+        except ValueError as err:
+            raise ValueError(f"{err} (model {self.name!r})") from None
         need(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
              f"{self.num_query_groups} must divide num_attention_heads={self.num_attention_heads}")
         need(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0, "head_dim",
              f"set it: hidden_size={self.hidden_size} is not divisible by num_attention_heads="
              f"{self.num_attention_heads}")
-        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
-             f"must be a positive number of tokens or null, got {self.sliding_window!r}")
-        need(self.backend in ("local", "te"), "backend", f"must be 'local' or 'te', got {self.backend!r}")
-        need(math.isfinite(self.init_std) and self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         need(not (self.yarn and self.llama3_rope_factor), "yarn",
              "YaRN and llama3_rope_factor cannot both be set")
+        if self.yarn is not None:
+            self.yarn.validate()
         return self
 
     @property
@@ -88,12 +106,9 @@ class ModelConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, values: dict) -> ModelConfig:
-        """Build from a plain mapping (YAML, Hydra); unknown keys are an error naming them."""
-        values = checked_mapping(cls, values, "model")
-        if values.get("yarn") is not None and not isinstance(values["yarn"], YarnConfig):
-            values["yarn"] = YarnConfig(**values["yarn"])
-        return cls(**values).validate()
+    def from_dict(cls, values) -> ModelConfig:
+        """Build from a plain mapping (YAML, Hydra); unknown keys and wrong types are errors naming them."""
+        return build(cls, values, "model").validate()
 
 
 def load_model_config(name: str, **overrides) -> ModelConfig:
@@ -104,9 +119,17 @@ def load_model_config(name: str, **overrides) -> ModelConfig:
     if not path.is_file():
         choices = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no model preset {name!r} ({path}); choose one of {choices}")
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # noqa: BLE001 - YAML / interpolation errors, re-raised naming the file
+        raise ValueError(f"{path}: cannot read the model preset: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of model keys, got {values!r}")
     values.update(overrides)
-    return ModelConfig.from_dict(values)
+    try:
+        return ModelConfig.from_dict(values)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -175,6 +198,6 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
                                yarn_original_max_position_embeddings=y.original_max_position_embeddings,
                                yarn_beta_fast=y.beta_fast, yarn_beta_slow=y.beta_slow, yarn_mscale=y.mscale,
                                yarn_mscale_all_dim=y.mscale_all_dim,
-                               yarn_correction_range_round_to_int=True).items():
+                               yarn_correction_range_round_to_int=y.correction_range_round_to_int).items():
             setattr(config, key, value)
     return config

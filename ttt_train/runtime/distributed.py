@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ttt_train.config_keys import build, check_fields, checked
+
 
 @dataclass
 class ParallelConfig:
@@ -23,18 +25,20 @@ class ParallelConfig:
     matter); seed: base seed for megatron's RNG trackers.
     """
 
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
+    tp: int = checked(1, ge=1)
+    pp: int = checked(1, ge=1)
+    cp: int = checked(1, ge=1)
     sequence_parallel: bool = False
-    seed: int = 1234
+    seed: int = checked(1234, ge=0)
+
+    @classmethod
+    def from_dict(cls, values) -> ParallelConfig:
+        """Build from a plain mapping (YAML, Hydra); unknown keys, wrong types and ranges are errors naming them."""
+        return build(cls, values, "parallel")
 
     def validate(self, world_size: int) -> int:
-        """Check the layout against `world_size`; return the data-parallel size."""
-        for key in ("tp", "pp", "cp"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{key} must be a positive integer, got {value!r}")
+        """Check the layout (types, ranges, against `world_size`); return the data-parallel size."""
+        check_fields(self, "parallel")
         model_parallel = self.tp * self.pp * self.cp
         if world_size % model_parallel:
             raise ValueError(

@@ -4,23 +4,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ttt_train.config_keys import build, check_fields, checked
+
 
 @dataclass
 class OptimizerArgs:
     """AdamW hyper-parameters (METHOD.md section 4: lr 5e-6 continual / 5e-4 scratch, wd 0.1, clip 1.0)."""
 
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = checked(3e-4, ge=0.0)
+    min_lr: float = checked(0.0, ge=0.0)
+    weight_decay: float = checked(0.1, ge=0.0)
+    adam_beta1: float = checked(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = checked(0.95, ge=0.0, lt=1.0)
+    adam_eps: float = checked(1e-8, gt=0.0)
+    clip_grad: float = checked(1.0, ge=0.0)
+
+    @classmethod
+    def from_dict(cls, values) -> OptimizerArgs:
+        """Build from a plain mapping (YAML, Hydra); unknown keys, wrong types and ranges are errors naming them."""
+        return build(cls, values, "optimizer").validate()
+
+    def validate(self) -> OptimizerArgs:
+        check_fields(self, "optimizer")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr: must be <= optimizer.lr={self.lr}, got {self.min_lr}")
+        return self
 
 
 def build_optimizer(args: OptimizerArgs, model_chunks, config, *, use_distributed_optimizer: bool = False):
     """megatron `get_megatron_optimizer` over `model_chunks` (DDP-wrapped)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    args.validate()
 
     opt_config = OptimizerConfig(
         optimizer="adam",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ttt_train.config_keys import build, check_fields, checked
+
 
 @dataclass
 class DDPConfig:
@@ -16,7 +18,12 @@ class DDPConfig:
 
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
-    bucket_size: int | None = None
+    bucket_size: int | None = checked(None, ge=1)
+
+    @classmethod
+    def from_dict(cls, values) -> DDPConfig:
+        """Build from a plain mapping (YAML, Hydra); unknown keys, wrong types and ranges are errors naming them."""
+        return build(cls, values, "ddp")
 
 
 def wrap_for_training(model, config, ddp: DDPConfig):
@@ -25,6 +32,7 @@ def wrap_for_training(model, config, ddp: DDPConfig):
     Sets `config.no_sync_func`, `config.finalize_model_grads_func` (and `grad_sync_func` when
     overlapping) so `get_forward_backward_func()` handles gradient reduction.
     """
+    check_fields(ddp, "ddp")
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
