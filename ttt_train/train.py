@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
             check_hf_init(cfg.init, stages[0].model)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED
     if cfg.run.dry_run:
         print_plan(cfg, stages, world)

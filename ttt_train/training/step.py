@@ -14,12 +14,24 @@ from collections.abc import Iterator
 import torch
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """(sum of masked token losses, number of tokens, report) as megatron's schedules expect."""
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor, buckets: torch.Tensor | None = None,
+               num_buckets: int = 0):
+    """(sum of masked token losses, number of tokens, report) as megatron's schedules expect.
+
+    With `buckets` (`[B, T]` bucket index of each token's position) the report also holds
+    "position loss": `[2, num_buckets]` sums of masked losses and token counts per bucket.
+    """
     mask = loss_mask.reshape(-1).float()
-    loss_sum = (output.reshape(-1).float() * mask).sum()
+    losses = output.reshape(-1).float() * mask
+    loss_sum = losses.sum()
     num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+    report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+    if buckets is not None:
+        index = buckets.reshape(-1)
+        report["position loss"] = torch.stack([
+            torch.bincount(index, weights=losses.detach().double(), minlength=num_buckets),
+            torch.bincount(index, weights=mask.double(), minlength=num_buckets)]).float()
+    return loss_sum, num_tokens, report
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -53,39 +65,57 @@ def split_for_context_parallel(batch: dict) -> dict:
     return get_batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None})
 
 
-def forward_step(data_iterator: Iterator[dict], model):
+def forward_step(data_iterator: Iterator[dict], model, position_buckets: int = 0):
     """megatron `forward_step_func`: run the model on the next micro-batch, return (output, loss_func).
 
     Micro-batches hold whole sequences; under context parallelism each rank keeps its shards.
+    `position_buckets` > 0 also reports the loss by token position (see `_loss_func`).
     """
     from functools import partial
 
-    batch = split_for_context_parallel(next(data_iterator))
+    batch = dict(next(data_iterator))
+    if position_buckets:
+        b, t = batch["tokens"].shape
+        batch["position_bucket"] = (torch.arange(t) * position_buckets // t).expand(b, t).contiguous().to(batch["tokens"].device)
+    batch = split_for_context_parallel(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    **model_inputs(model, batch))
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, batch["loss_mask"], buckets=batch.get("position_bucket"),
+                           num_buckets=position_buckets)
 
 
-def _reduce_losses(reports: list[dict]) -> float | None:
-    """Mean token loss over all micro-batches and data/context-parallel ranks (None off the last stage)."""
+def _reduce_reports(reports: list[dict], key: str) -> torch.Tensor | None:
+    """Sum of report `key` over all micro-batches and data/context-parallel ranks (None off the last stage)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not reports:
         return None
-    total = torch.stack([r["lm loss"] for r in reports]).sum(0).double()
+    total = torch.stack([r[key] for r in reports]).sum(0).double()
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return (total[0] / total[1].clamp(min=1)).item()
+    return total
+
+
+def _reduce_losses(reports: list[dict]) -> float | None:
+    """Mean token loss over all micro-batches and data/context-parallel ranks (None off the last stage)."""
+    total = _reduce_reports(reports, "lm loss")
+    return None if total is None else (total[0] / total[1].clamp(min=1)).item()
 
 
 def run_step(model_chunks, data_iterator, *, num_microbatches: int, micro_batch_size: int, seq_length: int,
-             forward_only: bool = False, optimizer=None) -> dict:
+             forward_only: bool = False, optimizer=None, skip_nonfinite: bool = False,
+             position_buckets: int = 0) -> dict:
     """Forward/backward over `num_microbatches` micro-batches, then an optimizer step if one is given.
 
     Returns {"loss": mean token loss (last pipeline stage, else None), "grad_norm", "skipped"}.
     Without an optimizer the reduced gradients stay in the DDP buffers (`param.main_grad`).
     `seq_length` is the length each rank sees (already divided by the context-parallel size).
+    skip_nonfinite: skip the update when the gradient norm is not finite (`numerics.guarded_step`).
+    position_buckets > 0: also "position_loss", `[2, position_buckets]` float64 sums of token losses
+    and counts by position bucket (last pipeline stage, else None).
     """
+    from functools import partial
+
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not forward_only:
@@ -94,11 +124,18 @@ def run_step(model_chunks, data_iterator, *, num_microbatches: int, micro_batch_
         if optimizer is not None:
             optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
-        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
-        forward_only=forward_only)
+        forward_step_func=partial(forward_step, position_buckets=position_buckets), data_iterator=data_iterator,
+        model=model_chunks, num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=forward_only)
     result = {"loss": _reduce_losses(reports), "grad_norm": None, "skipped": False}
+    if position_buckets:
+        result["position_loss"] = _reduce_reports(reports, "position loss")
     if optimizer is not None and not forward_only:
-        ok, grad_norm, _ = optimizer.step()
+        if skip_nonfinite:
+            from ttt_train.training.numerics import guarded_step
+
+            ok, grad_norm = guarded_step(optimizer)
+        else:
+            ok, grad_norm, _ = optimizer.step()
         result.update(grad_norm=grad_norm, skipped=not ok)
     return result

@@ -1,0 +1,66 @@
+"""Stopping cleanly: preemption signals and wall-time limits, agreed by all ranks at step boundaries.
+
+A signal handler only sets a flag. After every step all ranks enter one small all-reduce (MAX) of
+[signal seen, wall-time limit reached, periodic save due]; so they act on the same step, save the
+same checkpoint and exit together with `EXIT_PREEMPTED` (the launch scripts requeue on it).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+EXIT_PREEMPTED = 75
+"""Exit code of a run that saved and stopped early; rerun the same command to continue."""
+
+
+class StopFlags:
+    """Per-rank flags (signal received, time limit, periodic save clock) and their step-boundary agreement."""
+
+    def __init__(self, signal_names: list[str], exit_after_minutes: float, save_every_minutes: float):
+        self.received: str | None = None
+        self.start = time.monotonic()
+        self.exit_after_s = exit_after_minutes * 60
+        self.save_every_s = save_every_minutes * 60
+        self.last_save = self.start
+        self.previous = {}
+        for name in signal_names:
+            if not hasattr(signal, name):
+                raise ValueError(f"run.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            sig = getattr(signal, name)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def saved(self) -> None:
+        """A checkpoint was just written: restart the periodic-save clock."""
+        self.last_save = time.monotonic()
+
+    def agree(self) -> tuple[bool, bool]:
+        """(stop now, save now) as agreed by every rank (collective). Stop: a signal reached any rank
+        or the wall-time limit passed; save: the periodic-save interval passed on any rank."""
+        import torch.distributed as dist
+
+        from ttt_train.runtime.distributed import device
+
+        now = time.monotonic()
+        flags = torch.tensor([
+            self.received is not None,
+            self.exit_after_s > 0 and now - self.start >= self.exit_after_s,
+            self.save_every_s > 0 and now - self.last_save >= self.save_every_s,
+        ], dtype=torch.int32, device=device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, timed_out, save = (bool(x) for x in flags.tolist())
+        return stop or timed_out, save
+
+    def reason(self) -> str:
+        return f"signal {self.received}" if self.received else "run.exit_after_minutes reached (or another rank's signal)"

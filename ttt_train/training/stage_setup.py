@@ -1,0 +1,124 @@
+"""Everything a stage trains with, built on this rank: parallel state, tokenizer, model chunks,
+optimizer, schedule, data; and where its weights come from (init, the previous stage, a resume)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy
+import torch
+
+from ttt_train.training.curriculum import Stage
+
+
+@dataclasses.dataclass
+class Built:
+    chunks: list
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    ttt_layers: list
+    train_set: object
+    valid_set: object | None
+    manifest: dict
+
+
+def build(stage: Stage, validation) -> Built:
+    """Initialise the stage's layout and build its model, optimizer, schedule and datasets (collective)."""
+    from ttt_train.data.datasets import build_datasets, dataset_fingerprint
+    from ttt_train.data.tokenizer import load_tokenizer
+    from ttt_train.models import build_gpt_model, to_transformer_config
+    from ttt_train.runtime.distributed import initialize
+    from ttt_train.training.checkpoint import build_manifest
+    from ttt_train.training.optimizer import build_optimizer
+    from ttt_train.training.schedule import build_scheduler, ttt_layers
+    from ttt_train.training.setup import wrap_for_training
+
+    dp = initialize(stage.parallel)
+    t = stage.training
+    tokenizer = load_tokenizer(stage.data.tokenizer, stage.data.eod_token)
+    valid_samples = validation.num_batches * t.micro_batch_size * dp if validation.every_steps > 0 else 0
+    train_set, valid_set, _ = build_datasets(stage.data, tokenizer,
+                                             (stage.steps * t.global_batch_size, valid_samples, 0))
+    config = to_transformer_config(stage.model, stage.parallel, dtype=t.dtype, recompute=t.recompute)
+    model = build_gpt_model(stage.model, config, ttt=stage.ttt)
+    chunks = wrap_for_training(model, config, stage.ddp)
+    optimizer = build_optimizer(stage.optimizer, chunks, config,
+                                use_distributed_optimizer=stage.ddp.use_distributed_optimizer)
+    scheduler = build_scheduler(optimizer, stage.schedule, stage.optimizer, stage.steps)
+    manifest = build_manifest(stage.model, stage.ttt, stage.parallel, t.dtype, tokenizer=tokenizer,
+                              data_fingerprint=dataset_fingerprint(stage.data))
+    return Built(chunks, optimizer, scheduler, tokenizer, ttt_layers(chunks), train_set,
+                 valid_set if valid_samples else None, manifest)
+
+
+def rank_state() -> dict:
+    """This rank's RNG states (torch, CUDA, megatron's tracker, Python, NumPy)."""
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            "python": random.getstate(), "numpy": numpy.random.get_state()}
+
+
+def restore_rank_state(state: dict | None) -> None:
+    """Put back what `rank_state` captured (None: saved with another world size; seeds stay as set)."""
+    from megatron.core import tensor_parallel
+
+    if state is None:
+        return
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+
+
+def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Path | None, init,
+               carry_optimizer: bool) -> dict:
+    """Fill the freshly built stage from where it starts; return the checkpoint info (or {}).
+
+    resume: this stage's own checkpoint (model, optimizer, schedule, RNG; the manifest must match).
+    previous: the previous stage's final checkpoint (weights; its optimizer state too when
+    `carry_optimizer`, with this stage's own learning rates). Otherwise stage 0's `init`.
+    """
+    from ttt_train.training.checkpoint import load_checkpoint, load_rank_state
+    from ttt_train.training.schedule import keep_fresh_hyperparameters
+
+    if resume is not None:
+        info = load_checkpoint(resume, built.chunks, built.optimizer, expect_manifest=built.manifest)
+        built.scheduler.load_state_dict(info["metadata"]["scheduler"])
+        restore_rank_state(load_rank_state(resume))
+        return info
+    if previous is not None:
+        if carry_optimizer:
+            keep_fresh_hyperparameters(built.optimizer, lambda: load_checkpoint(previous, built.chunks, built.optimizer))
+            built.scheduler.step(0)  # this stage's step-0 lr from its own max_lr/min_lr
+            return {}
+        load_checkpoint(previous, built.chunks)
+        return {}
+    if init.checkpoint:
+        load_checkpoint(init.checkpoint, built.chunks, strict=init.strict)
+    elif init.hf:
+        from ttt_train.models.hf import load_hf_weights
+
+        load_hf_weights(init.hf, built.chunks, stage.model, stage.ttt)
+    return {}
+
+
+def check_hf_init(init, model_cfg) -> None:
+    """Refuse (ConfigError) an `init.hf` directory whose config does not match the model preset."""
+    from ttt_train.models.hf import config_mismatches, model_config_from_hf
+    from ttt_train.training.config import ConfigError
+
+    try:
+        differences = config_mismatches(model_cfg, model_config_from_hf(init.hf))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"init.hf={init.hf}: {err}") from err
+    if differences:
+        raise ConfigError(f"init.hf={init.hf} does not match the model config: {'; '.join(differences)}; "
+                          f"choose the matching model= preset or override those model keys")
