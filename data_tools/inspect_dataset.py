@@ -58,8 +58,12 @@ def describe(prefix: str, tokenizer_spec: str | None, sample: int, max_chars: in
     from ttt_train.data.tokenizer import load_tokenizer
 
     dataset = indexed.open_dataset(prefix)
-    lengths = dataset.sequence_lengths.astype(numpy.int64)
     meta = indexed.read_sidecar(prefix)
+    spec = tokenizer_spec or indexed.sidecar_tokenizer(prefix, meta)
+    tokenizer = None if spec is None else load_tokenizer(spec)
+    if tokenizer is not None:
+        indexed.check_fingerprint(prefix, meta, tokenizer)
+    lengths = dataset.sequence_lengths.astype(numpy.int64)
     report = {
         "prefix": prefix,
         "dtype": dataset.index.dtype.__name__,
@@ -71,11 +75,8 @@ def describe(prefix: str, tokenizer_spec: str | None, sample: int, max_chars: in
         "meta": meta,
         "max_token_id": indexed.max_token_id(dataset, prefix, progress=True),
     }
-    spec = tokenizer_spec or indexed.sidecar_tokenizer(prefix, meta)
-    if spec is None:
+    if tokenizer is None:
         return report
-    tokenizer = load_tokenizer(spec)
-    indexed.check_fingerprint(prefix, meta, tokenizer)
     report["tokenizer"] = {"name": spec, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
     report["ids_within_vocab"] = report["max_token_id"] < tokenizer.vocab_size
     report["documents_without_eod"] = int(

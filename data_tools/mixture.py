@@ -200,6 +200,7 @@ def _main(argv: list[str] | None) -> int:
     started = time.time()
     prefixes = [prefix for prefix, _ in args.source]
     weights = [weight for _, weight in args.source]
+    datasets = [indexed.open_dataset(prefix) for prefix in prefixes]
     spec = args.tokenizer or indexed.sidecar_tokenizer(prefixes[0], indexed.read_sidecar(prefixes[0]))
     if spec is None:
         raise DataError(f"{indexed.sidecar_path(prefixes[0])} names no tokenizer: pass --tokenizer")
@@ -210,7 +211,6 @@ def _main(argv: list[str] | None) -> int:
     tokenizer = load_tokenizer(spec)
     for prefix in prefixes:
         indexed.check_against_tokenizer(prefix, tokenizer, require_eod=True)
-    datasets = [indexed.open_dataset(prefix) for prefix in prefixes]
     lengths = [d.sequence_lengths.astype(numpy.int64) for d in datasets]
     plan = plan_mixture(
         lengths,

@@ -36,3 +36,16 @@ def write_word_tokenizer(path, vocab_size: int) -> str:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(path))
     return str(path)
+
+
+def write_permuted_byte_tokenizer(path) -> str:
+    """The byte tokenizer with the ids of "a" and "b" swapped: another tokenizer with the same
+    vocabulary size and EOD id, which only a fingerprint tells apart."""
+    from ttt_train.data.tokenizer import BYTE_TOKENIZER_PATH
+
+    tok = json.loads(BYTE_TOKENIZER_PATH.read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    return str(path)

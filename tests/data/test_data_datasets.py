@@ -1,21 +1,24 @@
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import write_word_tokenizer
+from data_helpers import write_permuted_byte_tokenizer, write_word_tokenizer
 from omegaconf import OmegaConf
 
 from data_tools import synthetic, tokenize
+from ttt_train.data import indexed
 from ttt_train.data.datasets import (
     DataConfig,
     MegatronTokenizerAdapter,
     ResumableBatchSampler,
     build_dataloader,
     build_datasets,
+    dataset_fingerprint,
 )
 from ttt_train.data.documents import document_ids_from_position_ids, document_ids_from_tokens
-from ttt_train.data.tokenizer import load_tokenizer
+from ttt_train.data.tokenizer import check_model_vocab, load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 SEQ = 128
@@ -147,14 +150,22 @@ def test_options_reach_the_samples(data, tmp_path, byte_tokenizer):
 
 
 def test_refuses_datasets_of_another_tokenizer(data, tmp_path, byte_tokenizer):
-    small = load_tokenizer(write_word_tokenizer(tmp_path / "small.json", 200))
-    with pytest.raises(ValueError, match="token id 256 >= vocab size 200"):
-        build_datasets(config(data, tmp_path), small, (8, 0, 0))
-    large = load_tokenizer(write_word_tokenizer(tmp_path / "large.json", 70000))
-    with pytest.raises(ValueError, match="token dtype uint16 cannot hold"):
-        build_datasets(config(data, tmp_path), large, (8, 0, 0))
+    permuted = load_tokenizer(write_permuted_byte_tokenizer(tmp_path / "permuted.json"))
+    assert (permuted.vocab_size, permuted.eod_id) == (byte_tokenizer.vocab_size, byte_tokenizer.eod_id)
+    with pytest.raises(ValueError, match="was tokenized with tokenizer 'byte' .* not with '.*permuted.json'"):
+        build_datasets(config(data, tmp_path), permuted, (8, 0, 0))
     with pytest.raises(ValueError, match="built with EOD id 256 but tokenizer 'byte' has EOD id 257"):
         build_datasets(config(data, tmp_path), load_tokenizer("byte", eod_token="<|pad|>"), (8, 0, 0))
+    # Without a sidecar the largest id is scanned, and the dtype tells a larger vocabulary apart.
+    for suffix in (".bin", ".idx"):
+        shutil.copy(data / f"a{suffix}", tmp_path / f"bare{suffix}")
+    bare = config(data, tmp_path, blend=[str(tmp_path / "bare")])
+    small = load_tokenizer(write_word_tokenizer(tmp_path / "small.json", 200))
+    with pytest.raises(ValueError, match="token id 256 >= vocab size 200"):
+        build_datasets(bare, small, (8, 0, 0))
+    large = load_tokenizer(write_word_tokenizer(tmp_path / "large.json", 70000))
+    with pytest.raises(ValueError, match="token dtype uint16 cannot hold"):
+        build_datasets(bare, large, (8, 0, 0))
 
     (tmp_path / "x.txt").write_text("no end of document here")
     assert (
@@ -189,7 +200,7 @@ def test_distributed_ranks_share_the_cache_and_split_the_stream(data, tmp_path, 
     start_method = "spawn" if torch.distributed.is_initialized() else "fork"
     torch.multiprocessing.start_processes(distributed_rank, args=args, nprocs=2, start_method=start_method)
     assert any(
-        p.name.endswith("BlendedDataset-train-dataset_index.npy") for p in (tmp_path / "cache").iterdir()
+        p.name.endswith("BlendedDataset-train-dataset_index.npy") for p in (tmp_path / "cache").rglob("*")
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     train, _, _ = build_datasets(
@@ -199,3 +210,60 @@ def test_distributed_ranks_share_the_cache_and_split_the_stream(data, tmp_path, 
     assert len(single) == len(ranks[0]) == len(ranks[1])
     for step, both in zip(single, zip(*ranks)):
         assert torch.equal(step, torch.cat(both))  # rank 0 then rank 1 make up each global batch
+
+
+def synthetic_dataset(prefix, num: int, length: int, seed: int, *extra: str) -> str:
+    args = ["passkey", "--num", str(num), "--length", str(length), "--seed", str(seed)]
+    assert synthetic.main([*args, "--output-prefix", str(prefix), *extra]) == 0
+    return str(prefix)
+
+
+def test_index_cache_follows_a_dataset_rebuilt_in_place(tmp_path, byte_tokenizer):
+    """megatron keys its cache by path: the same cache folder must not serve a rebuilt dataset's
+    old indices (fewer, shorter documents: stale indices point past them)."""
+    prefix = synthetic_dataset(tmp_path / "r", 40, 400, 0)
+    cfg = config(tmp_path, tmp_path, blend=[prefix], split="1")
+    before = dataset_fingerprint(cfg)
+    build_datasets(cfg, byte_tokenizer, (8, 0, 0))
+    synthetic_dataset(tmp_path / "r", 12, 300, 50, "--force")
+    assert dataset_fingerprint(cfg) != before
+    cached, _, _ = build_datasets(cfg, byte_tokenizer, (8, 0, 0))
+    fresh_cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh"))
+    fresh, _, _ = build_datasets(fresh_cfg, byte_tokenizer, (8, 0, 0))
+    assert len(cached) == len(fresh)
+    assert all(torch.equal(cached[i]["tokens"], fresh[i]["tokens"]) for i in range(len(fresh)))
+
+
+def test_dataset_fingerprint_is_the_identity_of_the_samples(data, tmp_path):
+    blend = [{"path": str(data / "a"), "weight": 1}, {"path": str(data / "b"), "weight": 3}]
+    fingerprint = dataset_fingerprint(config(data, tmp_path, blend=blend))
+    assert len(fingerprint) == 64 and dataset_fingerprint(config(data, tmp_path, blend=blend)) == fingerprint
+    for suffix in indexed.SUFFIXES:  # the same data elsewhere is the same data
+        shutil.copy(data / f"a{suffix}", tmp_path / f"copy{suffix}")
+    moved = [{"path": str(tmp_path / "copy"), "weight": 2}, {"path": str(data / "b"), "weight": 6}]
+    assert dataset_fingerprint(config(data, tmp_path, blend=moved)) == fingerprint
+    for change in [
+        {"seed": 1},
+        {"seq_length": SEQ * 2},
+        {"split": "80,10,10"},
+        {"blend": [blend[0], {**blend[1], "weight": 1}]},
+        {"blend": blend[:1]},
+    ]:
+        assert dataset_fingerprint(config(data, tmp_path, **{"blend": blend, **change})) != fingerprint
+    # A dataset whose files changed without its sidecar is refused rather than trusted.
+    shutil.copy(data / "b.bin", tmp_path / "copy.bin")
+    with pytest.raises(ValueError, match="copy.meta.json describes a .bin of .* the dataset changed without its sidecar"):
+        dataset_fingerprint(config(data, tmp_path, blend=moved))
+
+
+def test_model_vocabulary_is_checked_before_compute(data, tmp_path, byte_tokenizer):
+    check_model_vocab(258, byte_tokenizer)
+    check_model_vocab(512, byte_tokenizer)  # a padded embedding table
+    for bad in (200, 257, "258", 258.0):
+        with pytest.raises(ValueError) as err:
+            check_model_vocab(bad, byte_tokenizer)
+        message = str(err.value)
+        assert f"model.vocab_size {bad!r}" in message and "tokenizer 'byte' (258 ids" in message
+        assert "set model.vocab_size >= 258" in message
+    with pytest.raises(ValueError, match="model.vocab_size 200 is smaller"):
+        build_datasets(config(data, tmp_path), byte_tokenizer, (8, 0, 0), model_vocab_size=200)

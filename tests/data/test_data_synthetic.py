@@ -7,7 +7,7 @@ import tokenizers
 from data_tools import synthetic as synthetic_cli
 from ttt_train.data import indexed
 from ttt_train.data.synthetic import TASKS, generate, generate_many, score_exact_match
-from ttt_train.data.tokenizer import load_tokenizer
+from ttt_train.data.tokenizer import BYTE_TOKENIZER_PATH, load_tokenizer
 
 
 def solve(record: dict) -> str:
@@ -101,3 +101,25 @@ def test_cli_writes_jsonl_and_dataset(tmp_path, byte_tokenizer, capsys):
     ]
     indexed.check_against_tokenizer(str(tmp_path / "s"), byte_tokenizer)
     assert "5 records" in capsys.readouterr().out
+
+
+def test_cli_outputs_are_safe(tmp_path, capsys):
+    args = ["passkey", "--num", "2", "--length", "300"]
+    out = tmp_path / "s.jsonl"
+    assert synthetic_cli.main([*args, "--output", str(out)]) == 0
+    first = out.read_bytes()
+    assert synthetic_cli.main([*args, "--seed", "5", "--output", str(out)]) == 2
+    assert "s.jsonl already exists: pass --force to replace it" in capsys.readouterr().err
+    assert synthetic_cli.main([*args, "--seed", "5", "--output", str(out), "--force"]) == 0
+    assert out.read_bytes() != first and sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
+    # The tokenizer is an input: neither the JSON-lines output nor a dataset's sidecar may replace it.
+    tokenizer = tmp_path / "tok.meta.json"
+    tokenizer.write_text(BYTE_TOKENIZER_PATH.read_text())
+    for output in (["--output", str(tokenizer)], ["--output-prefix", str(tmp_path / "tok")]):
+        assert synthetic_cli.main([*args, "--tokenizer", str(tokenizer), *output, "--force"]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert tokenizer.read_text() == BYTE_TOKENIZER_PATH.read_text()
+    with pytest.raises(SystemExit) as exit:
+        synthetic_cli.main(["passkey", "--num", "0", "--length", "300", "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "--num and --length must be >= 1, got 0" in err

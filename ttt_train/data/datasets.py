@@ -26,7 +26,6 @@ import torch
 from ttt_train.config_keys import checked_mapping
 from ttt_train.data import indexed
 from ttt_train.data.documents import document_ids_from_tokens
-from ttt_train.data.errors import DataError
 from ttt_train.data.tokenizer import Tokenizer, check_model_vocab, load_tokenizer
 
 with warnings.catch_warnings():  # importing megatron.core warns that TE/Apex are absent: expected here
@@ -209,8 +208,9 @@ def build_datasets(
 ) -> tuple[GPTDataset | None, ...]:
     """(train, valid, test) megatron datasets of at least `num_samples` samples each (None for a
     split with no share). Each dataset is first checked against the tokenizer (its fingerprint,
-    vocab, EOD id, documents ending in EOD) and, given `model_vocab_size`, its largest token id
-    against the model's vocabulary (from the sidecar, or one scan). Call on every rank: with
+    vocab: largest id from the sidecar or one scan, EOD id, documents ending in EOD); given
+    `model_vocab_size`, so is the tokenizer against the model (`check_model_vocab`): every token id
+    then fits the model's embedding table. Call on every rank: with
     torch.distributed initialised, rank 0 builds the index caches in
     `cfg.cache_dir/<dataset_fingerprint>` first and the other ranks then read them.
     """
@@ -219,12 +219,6 @@ def build_datasets(
         check_model_vocab(model_vocab_size, tokenizer)
     for entry in cfg.blend:
         indexed.check_against_tokenizer(entry.path, tokenizer, require_eod=True)
-        largest = indexed.largest_token_id(entry.path)
-        if model_vocab_size is not None and largest >= model_vocab_size:
-            raise DataError(
-                f"dataset {entry.path!r} holds token id {largest} >= model.vocab_size {model_vocab_size}: "
-                "raise model.vocab_size or re-tokenize the dataset"
-            )
     prefixes = [entry.path for entry in cfg.blend]
     weights = [float(entry.weight) for entry in cfg.blend] if len(prefixes) > 1 else None
     # megatron-core 0.16.1's BlendedDataset asks torch.distributed for the rank on a cache miss even
