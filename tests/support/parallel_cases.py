@@ -152,3 +152,55 @@ def merge_ranks(per_rank: list[list[dict]], layouts: list[dict]) -> list[dict]:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def doc_layout_batch(seed: int, batch: int, seq: int, vocab: int, starts: list[list[int]]) -> dict:
+    """Random next-token batch whose row `b` starts new documents exactly at the token offsets `starts[b]`."""
+    out = make_batch(seed, batch, seq, vocab)
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    for row, cuts in enumerate(starts):
+        for t in cuts:
+            ids[row, t:] += 1
+    out["doc_ids"] = ids
+    return out
+
+
+def doc_layouts_case(layouts: list[dict], ckpt_dir: str, starts: list[list[list[int]]], ttt: dict,
+                     seq: int = 64, micro_batch: int = 1, seed: int = 5, model_overrides: dict | None = None
+                     ) -> list[list[dict]]:
+    """For each parallel layout, for each document layout `starts[k]` (per row, where documents start):
+    loss and full gradients of one global batch of `len(starts[k])` rows (see `equivalence_case`;
+    the first layout saves the weights, the others load them). Returns [layout][document layout]."""
+    from megatron.core import parallel_state as ps
+
+    from ttt_train.layers.ttt_config import TTTConfig
+
+    model_cfg = load_model_config("tiny", **(model_overrides or {}))
+    ttt_cfg = TTTConfig.from_dict(ttt)
+    results = []
+    for i, layout in enumerate(layouts):
+        parallel = ParallelConfig(**layout)
+        dp = initialize(parallel)
+        config = to_transformer_config(model_cfg, parallel)
+        chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
+        if i == 0:
+            randomize_ttt_targets(chunks[0].module, seed)
+            save_checkpoint(ckpt_dir, 0, chunks)
+        else:
+            load_checkpoint(ckpt_dir, chunks)
+        keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        per_docs = []
+        for k, rows in enumerate(starts):
+            global_batch = len(rows)
+            batch = doc_layout_batch(seed + k, global_batch, seq, model_cfg.vocab_size, rows)
+            mine = slice(ps.get_data_parallel_rank() * global_batch // dp,
+                         (ps.get_data_parallel_rank() + 1) * global_batch // dp)
+            local = {key: v[mine] for key, v in batch.items()}
+            loss = run_step(chunks, _micro_batches(local, micro_batch),
+                            num_microbatches=global_batch // dp // micro_batch, micro_batch_size=micro_batch,
+                            seq_length=seq // parallel.cp)["loss"]
+            grads = full_grads(chunks[0], config)  # collective over TP: every rank gathers
+            per_docs.append(dict(loss=loss, grads=grads if keep else {}))
+        results.append(per_docs)
+        del chunks
+    return results

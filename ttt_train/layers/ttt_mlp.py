@@ -196,8 +196,8 @@ class TTTMLP(MLP):
         for i, (shard, out) in enumerate(zip(shards, (out_first, out_second))):
             docs = doc_ids[:, shard]
             continues = (docs == docs[:, :1]) & (prefix_keys[i] == docs[:, 0])[:, None]  # [B, L]
-            if continues.any():
-                correction = torch.bmm(z[:, shard].to(prefix_sums.dtype), prefix_sums[i].transpose(1, 2))
-                out = out + (continues.unsqueeze(-1) * correction).to(out.dtype)
-            outputs.append(out)
+            # Added unconditionally (masked), never `if continues.any()`: the scan's backward is a
+            # collective, so its output must reach every rank's graph whatever the documents are.
+            correction = torch.bmm(z[:, shard].to(prefix_sums.dtype), prefix_sums[i].transpose(1, 2))
+            outputs.append(out + (continues.unsqueeze(-1) * correction).to(out.dtype))
         return torch.cat(outputs, dim=1)

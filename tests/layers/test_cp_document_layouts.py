@@ -1,0 +1,76 @@
+"""Context parallelism whatever the document layout: every rank must enter the prefix scan's backward
+(a collective), also when no row on some rank continues the document its received prefix ends in.
+
+Document boundaries sit exactly at each shard start (one at a time, and all together), at CP=2, CP=4
+and CP=2 x TP=2 (sequence parallel), and at random places (shard starts, chunk edges, anywhere) in
+a sweep of seeds; loss and every gradient must equal CP=1's. A hang fails within the time-out.
+"""
+
+import random
+from functools import partial
+
+import pytest
+
+from tests.support.parallel_cases import doc_layouts_case, rel_err
+from ttt_train.runtime.local_ranks import run_local_ranks
+
+SEQ, CHUNK = 64, 8
+TTT = dict(layers=[0, 1], chunk_size=CHUNK, lr=1.0, target="hidden_states", max_update_norm=0.3)
+TIMEOUT = 120  # a rank stuck in the scan's backward fails the test in two minutes, not at pytest's limit
+
+
+def shard_start_layouts(cp: int, rows: int) -> list[list[list[int]]]:
+    """Every row starts a document exactly at shard k's first token, for each k; then at all of them;
+    then only the first row does (rows of one micro-batch differ)."""
+    shard = SEQ // (2 * cp)
+    starts = [k * shard for k in range(1, 2 * cp)]
+    return [[[s]] * rows for s in starts] + [[starts] * rows] + [[[s]] + [[]] * (rows - 1) for s in starts]
+
+
+def random_layouts(cp: int, rows: int, seeds: range) -> list[list[list[int]]]:
+    """Per seed and row: 0-3 boundaries drawn from shard starts, chunk edges and arbitrary tokens."""
+    shard = SEQ // (2 * cp)
+    pools = [list(range(shard, SEQ, shard)), list(range(CHUNK, SEQ, CHUNK)), list(range(1, SEQ))]
+    layouts = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        layouts.append([sorted({rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 3))})
+                        for _ in range(rows)])
+    return layouts
+
+
+def check(per_rank, layouts, starts):
+    """Merge ranks and compare every layout and document layout with the first (CP=1)."""
+    for k in range(len(starts)):
+        merged = []
+        for i in range(len(layouts)):
+            grads = {}
+            for rank in per_rank:
+                grads.update(rank[i][k]["grads"])
+            loss = next(r[i][k]["loss"] for r in per_rank if r[i][k]["loss"] is not None)
+            merged.append((loss, grads))
+        (ref_loss, ref_grads), *others = merged
+        for layout, (loss, grads) in zip(layouts[1:], others):
+            where = (layout, starts[k])
+            assert abs(loss - ref_loss) <= 2e-6 * abs(ref_loss), where
+            assert set(grads) == set(ref_grads), where
+            for name, grad in ref_grads.items():
+                assert rel_err(grads[name], grad) < 2e-5, (where, name)
+
+
+@pytest.mark.slow
+def test_cp2_any_document_layout_matches_cp1(tmp_path):
+    layouts = [dict(), dict(cp=2)]
+    starts = shard_start_layouts(2, 4) + random_layouts(2, 4, range(16))
+    case = partial(doc_layouts_case, ttt=TTT, seq=SEQ, micro_batch=2, model_overrides=dict(num_layers=2))
+    per_rank = run_local_ranks(case, 2, layouts, str(tmp_path), starts, timeout=TIMEOUT)
+    check(per_rank, layouts, starts)
+
+
+@pytest.mark.slow
+def test_cp4_and_cp2_tp2_any_document_layout_matches_cp1(tmp_path):
+    layouts = [dict(), dict(cp=4), dict(cp=2, tp=2, sequence_parallel=True)]
+    starts = shard_start_layouts(4, 4) + shard_start_layouts(2, 4) + random_layouts(4, 4, range(4))
+    case = partial(doc_layouts_case, ttt=TTT, seq=SEQ, micro_batch=1, model_overrides=dict(num_layers=2))
+    per_rank = run_local_ranks(case, 4, layouts, str(tmp_path), starts, timeout=TIMEOUT)
+    check(per_rank, layouts, starts)
