@@ -219,3 +219,43 @@ def test_non_contiguous_inputs():
     ref = run(inplace_ttt_reference, z.contiguous(), v.contiguous(), w.contiguous(), w0.contiguous(), **kw)
     for name in ref:
         assert rel_err(fast[name], ref[name]) < RTOL, name
+
+
+def last_piece_norms(z, v, lr, C, doc_ids, with_last_chunk) -> list[float]:
+    """Norms of lr * V^T Z of each chunk's last document (the updates the op computes), rows in order."""
+    B, T, _ = z.shape
+    out = []
+    for b in range(B):
+        docs = doc_ids[b] if doc_ids is not None else torch.zeros(T, dtype=torch.int64)
+        for s in range(0, T, C):
+            if s + C >= T and not with_last_chunk:
+                break
+            m = docs[s:s + C] == docs[min(s + C, T) - 1]
+            out.append((lr * v[b, s:s + C][m].T @ z[b, s:s + C][m]).norm().item())
+    return out
+
+
+@pytest.mark.parametrize("docs", DOCS)
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("final", [False, True], ids=["out", "final"])
+def test_stats_fast_equals_reference_and_definition(docs, clip, final):
+    B, T, d, h, C = 3, 13, 3, 5, 4
+    z, v, w, w0 = inputs(B, T, d, h, seed=21, init=True)
+    doc_ids = make_doc_ids(docs, B, T, C, torch.Generator().manual_seed(2))
+    expected = torch.tensor(last_piece_norms(z, v, 0.3, C, doc_ids, final), dtype=F64)
+    tau = expected.median().item() if clip else None
+    kw = dict(chunk_size=C, lr=0.3, doc_ids=doc_ids, max_update_norm=tau, initial_state=w0,
+              output_final_state=final, return_stats=True)
+    fast, ref = inplace_ttt(z, v, w, **kw)[-1], inplace_ttt_reference(z, v, w, **kw)[-1]
+    for stats in (fast, ref):
+        assert rel_err(stats.update_norms, expected) < RTOL
+        assert torch.equal(stats.clipped, expected > tau if clip else torch.zeros(len(expected), dtype=torch.bool))
+        assert not stats.update_norms.requires_grad and not stats.last_state.requires_grad
+    assert 0 < fast.clipped.sum() < len(expected) if clip else not fast.clipped.any()
+    assert rel_err(fast.last_state, ref.last_state) < RTOL
+    # the last chunk's first document reads the state its output used: out = Z W_last^T there
+    out = inplace_ttt(z, v, w, **kw)[0]
+    lo = (T - 1) // C * C
+    for b in range(B):
+        rows = doc_ids[b, lo:] == doc_ids[b, lo] if doc_ids is not None else torch.ones(T - lo, dtype=torch.bool)
+        assert rel_err(out[b, lo:][rows], z[b, lo:][rows] @ fast.last_state[b].T) < RTOL

@@ -51,7 +51,14 @@ def _rank_fn():
     shard = (z[..., sl], v, w[:, sl], w0[..., sl], g_out, g_fin[..., sl], kw)
     return {"fast": _run(inplace_ttt, *shard, group=dist.group.WORLD),
             "reference": _run(inplace_ttt_reference, *shard, group=dist.group.WORLD),
-            "local_norms": _run(inplace_ttt, *shard, group=None)}
+            "local_norms": _run(inplace_ttt, *shard, group=None),
+            "stats": {(fn.__name__, tau): _stats(fn, *shard, group=dist.group.WORLD, tau=tau)
+                      for fn in (inplace_ttt, inplace_ttt_reference) for tau in (None, kw["max_update_norm"])}}
+
+
+def _stats(fn, z, v, w, w0, g_out, g_fin, kw, group, tau):
+    """The op's statistics; with ``tau`` None the unclipped norms are summed over the group separately."""
+    return fn(z, v, w, initial_state=w0, norm_group=group, return_stats=True, **dict(kw, max_update_norm=tau))[-1]
 
 
 def _gather(per_rank: list[dict]) -> dict:
@@ -74,3 +81,12 @@ def test_tp_sharded_equals_unsharded():
             assert err < 1e-10, (impl, k, err)
     local = _gather([r["local_norms"] for r in results])  # per-shard norms clip differently
     assert not torch.allclose(local["out"], full["out"], rtol=1e-6, atol=0)
+    for (name, tau), _ in results[0]["stats"].items():  # statistics are those of the whole matrix
+        want = _stats(inplace_ttt, z, v, w, w0, g_out, g_fin, kw, group=None, tau=tau)
+        assert 0 < want.clipped.sum() < len(want.clipped) if tau else not want.clipped.any()
+        for r in results:
+            got = r["stats"][name, tau]
+            assert ((got.update_norms - want.update_norms).abs().max() / want.update_norms.max()).item() < 1e-10
+            assert torch.equal(got.clipped, want.clipped)
+        last = torch.cat([r["stats"][name, tau].last_state for r in results], dim=-1)
+        assert ((last - want.last_state).abs().max() / want.last_state.abs().max()).item() < 1e-10

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Chunk, check_inputs, chunk_plan, doc_starts, state_dtype
+from .common import Chunk, TTTStats, check_inputs, chunk_plan, doc_starts, state_dtype
 
 
 def _clip(m: torch.Tensor, g: torch.Tensor | None, lr: float, tau: float | None, group):
@@ -23,9 +23,10 @@ def _clip(m: torch.Tensor, g: torch.Tensor | None, lr: float, tau: float | None,
 
     ``us = lr * min(1, tau / ||lr m||)``; ``k = <g, m> / ||m||^2`` where clipped, else 0. With
     ``group`` the squared norm and the inner product are summed over the group (``h`` sharded).
+    Returns ``(us, k, ||m||^2)`` (the last a 0-dim tensor, over the group; None without ``tau``).
     """
     if tau is None:
-        return lr, 0.0
+        return lr, 0.0, None
     flat = m.reshape(-1)
     stats = torch.dot(flat, flat).reshape(1)
     if g is not None:
@@ -38,17 +39,26 @@ def _clip(m: torch.Tensor, g: torch.Tensor | None, lr: float, tau: float | None,
     one = torch.ones_like(sq)
     us = lr * torch.where(clipped, tau / torch.where(clipped, norm, one), one)
     k = torch.where(clipped, stats[1] / torch.where(clipped, sq, one), 0 * one) if g is not None else None
-    return us, k
+    return us, k, sq
 
 
-def _add_update_(w: torch.Tensor, v: torch.Tensor, z: torch.Tensor, lr: float, tau: float | None, group) -> None:
-    """``w += clip(lr * v^T z)`` in place."""
+def _add_update_(w: torch.Tensor, v: torch.Tensor, z: torch.Tensor, lr: float, tau: float | None, group,
+                 sq_norms: list | None = None) -> None:
+    """``w += clip(lr * v^T z)`` in place. With ``sq_norms`` appends ``||v^T z||_F^2`` (0-dim; over
+    ``group`` when clipping, this rank's slice otherwise)."""
     if tau is None:
-        w.addmm_(v.T, z, alpha=lr)
+        if sq_norms is None:
+            w.addmm_(v.T, z, alpha=lr)
+            return
+        m = v.T @ z
+        w.add_(m, alpha=lr)
+        sq_norms.append(torch.dot(m.reshape(-1), m.reshape(-1)))
         return
     m = v.T @ z
-    us, _ = _clip(m, None, lr, tau, group)
+    us, _, sq = _clip(m, None, lr, tau, group)
     w.addcmul_(m, us)
+    if sq_norms is not None:
+        sq_norms.append(sq)
 
 
 def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -62,9 +72,10 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _Row:
     """One sequence: its inputs (converted to the state dtype chunk by chunk) and chunk plan."""
 
-    def __init__(self, z, v, ws, w0, plan: list[Chunk], lr, tau, group):
+    def __init__(self, z, v, ws, w0, plan: list[Chunk], lr, tau, group, sq_norms: list | None = None):
         self.z, self.v, self.ws, self.w0, self.plan = z, v, ws, w0, plan
         self.lr, self.tau, self.group, self.sdt = lr, tau, group, ws.dtype
+        self.sq_norms = sq_norms  # forward only: collects each update's squared norm
 
     def zs(self, lo, hi):
         return self.z[lo:hi].to(self.sdt)
@@ -74,7 +85,8 @@ class _Row:
 
     def add_update_(self, w, ch: Chunk) -> None:
         """``w += clip(lr * V^T Z)`` of the chunk's last document."""
-        _add_update_(w, self.vs(ch.last, ch.end), self.zs(ch.last, ch.end), self.lr, self.tau, self.group)
+        _add_update_(w, self.vs(ch.last, ch.end), self.zs(ch.last, ch.end), self.lr, self.tau, self.group,
+                     self.sq_norms)
 
     def forward(self, out: torch.Tensor, want_final: bool):
         """Write the outputs into ``out`` ``[T, d]``; return (state used by the last chunk, final
@@ -133,7 +145,7 @@ class _Row:
             else:
                 p = do[s:f].to(self.sdt).T @ self.zs(s, f)
                 m = self.vs(ch.last, e).T @ self.zs(ch.last, e) if need_m else None
-            us, k = _clip(m, g, lr, tau, self.group) if m is not None else (lr, None)
+            us, k, _ = _clip(m, g, lr, tau, self.group) if m is not None else (lr, None, None)
             a_grad = None  # gradient w.r.t. M
             if g is not None:
                 a_grad = wa[d:]
@@ -197,24 +209,35 @@ class _Row:
 
 class _InplaceTTTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, v, weight, initial_state, plans, lr, tau, group, want_final):
+    def forward(ctx, z, v, weight, initial_state, plans, lr, tau, group, want_final, want_stats):
         sdt = state_dtype(z.dtype)
         B, T, _ = z.shape
         ws = weight.to(sdt)
         out = torch.empty(B, T, weight.shape[0], dtype=z.dtype, device=z.device)
         saved, finals = [], []
+        sq_norms = [] if want_stats else None
         for b in range(B):
             w0 = initial_state[b].to(sdt) if initial_state is not None else ws
-            last, final = _Row(z[b], v[b], ws, w0, plans[b], lr, tau, group).forward(out[b], want_final)
+            last, final = _Row(z[b], v[b], ws, w0, plans[b], lr, tau, group, sq_norms).forward(out[b], want_final)
             saved.append(last)
             finals.append(final)
-        ctx.save_for_backward(z, v, weight, initial_state, torch.stack(saved))
+        saved = torch.stack(saved)
+        ctx.save_for_backward(z, v, weight, initial_state, saved)
         ctx.plans, ctx.lr, ctx.tau, ctx.group = plans, lr, tau, group
         ctx.set_materialize_grads(False)
-        return (out, torch.stack(finals)) if want_final else out
+        final = torch.stack(finals) if want_final else None
+        if not want_stats:
+            return out, final, None, None
+        norms = torch.stack(sq_norms) if sq_norms else ws.new_zeros(0)
+        if tau is None and group is not None:  # clipping sums them over the group already
+            torch.distributed.all_reduce(norms, group=group)
+        norms = norms.sqrt_().mul_(abs(lr))
+        last = saved.detach()
+        ctx.mark_non_differentiable(norms, last)
+        return out, final, norms, last
 
     @staticmethod
-    def backward(ctx, d_out, d_final=None):
+    def backward(ctx, d_out, d_final=None, *_stats):
         z, v, weight, initial_state, saved = ctx.saved_tensors
         sdt = state_dtype(z.dtype)
         B, T, _ = z.shape
@@ -235,12 +258,13 @@ class _InplaceTTTFunction(torch.autograd.Function):
                 g_init[b] = gw0_b
             else:
                 g_w += gw0_b
-        return dz, dv, g_w.to(weight.dtype), g_init, None, None, None, None, None
+        return dz, dv, g_w.to(weight.dtype), g_init, None, None, None, None, None, None
 
 
 def inplace_ttt(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk_size: int, lr: float,
                 doc_ids: torch.Tensor | None = None, max_update_norm: float | None = None,
-                initial_state: torch.Tensor | None = None, output_final_state: bool = False, norm_group=None):
+                initial_state: torch.Tensor | None = None, output_final_state: bool = False, norm_group=None,
+                return_stats: bool = False):
     """In-Place TTT down-projection (METHOD.md sections 2-5), fast path.
 
     z ``[B, T, h]``, v ``[B, T, d]`` (targets), weight ``[d, h]`` (``W_down``) -> ``[B, T, d]`` in
@@ -253,9 +277,17 @@ def inplace_ttt(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk
     over (tensor parallelism), over which clip norms are summed. With ``output_final_state`` also
     returns the last document's fast weight after the last chunk, ``[B, d, h]`` float32 (float64
     for float64 inputs), differentiable. State and updates accumulate in float32 for half inputs.
+    With ``return_stats`` also returns (last) a :class:`TTTStats` (detached, no host sync; one extra
+    all-reduce over ``norm_group`` when it is set without clipping).
     """
     lr, tau = check_inputs(z, v, weight, chunk_size=chunk_size, lr=lr, doc_ids=doc_ids,
                            max_update_norm=max_update_norm, initial_state=initial_state)
     B, T, _ = z.shape
     plans = [chunk_plan(starts, T, chunk_size) for starts in doc_starts(doc_ids, B)]
-    return _InplaceTTTFunction.apply(z, v, weight, initial_state, plans, lr, tau, norm_group, bool(output_final_state))
+    out, final, norms, last = _InplaceTTTFunction.apply(z, v, weight, initial_state, plans, lr, tau, norm_group,
+                                                        bool(output_final_state), bool(return_stats))
+    result = (out, final) if output_final_state else (out,)
+    if return_stats:
+        result += (TTTStats(norms, norms > tau if tau is not None else torch.zeros_like(norms, dtype=torch.bool),
+                            last),)
+    return result if len(result) > 1 else out

@@ -99,6 +99,21 @@ def _finite_float(name: str, x) -> float:
     return x
 
 
+class TTTStats(NamedTuple):
+    """What one call of the TTT op did (``return_stats=True``), detached.
+
+    ``update_norms`` ``[U]``: ``||lr V^T Z||_F`` before clipping (of the whole matrix under
+    ``norm_group``) of every update the forward computes: the last document of each chunk, the last
+    chunk only with ``output_final_state``; rows in order, chunks in order. ``clipped`` ``[U]`` bool:
+    which of them were clipped. ``last_state`` ``[B, d, h]`` (state dtype): the fast weight the last
+    chunk applies to its first document's tokens (the tensor the backward keeps anyway).
+    """
+
+    update_norms: torch.Tensor
+    clipped: torch.Tensor
+    last_state: torch.Tensor
+
+
 class Chunk(NamedTuple):
     """One chunk of one sequence as token offsets ``start <= fresh <= end``, ``start <= last < end``.
 
