@@ -132,9 +132,9 @@ def test_mixture_never_writes_over_a_source(sources, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in root.iterdir() if p.name.startswith("short.")}
     (tmp_path / "link").symlink_to(root)
     os.link(root / "short.idx", tmp_path / "hard.idx")
-    common = ["--source", str(root / "short"), "1", "--seq-length", "64", "--min-length", "200", "--force"]
-    for out in (root / "short", tmp_path / "link" / "short", tmp_path / "hard"):
-        assert mixture.main([*common, "--output-prefix", str(out)]) == 2
+    common = ["--source", str(root / "short"), "1", "--seq-length", "64", "--min-length", "200"]
+    for out, force in ((root / "short", []), (tmp_path / "link" / "short", ["--force"]), (tmp_path / "hard", ["--force"])):
+        assert mixture.main([*common, "--output-prefix", str(out), *force]) == 2
         err = capsys.readouterr().err
         assert "would overwrite the input" in err and str(root / "short.") in err and len(err.splitlines()) == 1
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.name.startswith("short.")} == before
