@@ -28,7 +28,9 @@ def doc_parser(prog: str, doc: str) -> Parser:
     """An argument parser whose description is the first paragraph of a module docstring and whose
     epilog (usage examples, notes) is the rest, printed as written."""
     first, _, rest = doc.partition("\n\n")
-    return Parser(prog=prog, description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(
+        prog=prog, description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None, prog: str) -> int:

@@ -87,7 +87,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     for pattern in patterns:
         matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
         if not matches:
-            raise DataFileNotFoundError(f"input {pattern!r}: no such file; check the path or the glob's quoting")
+            raise DataFileNotFoundError(
+                f"input {pattern!r}: no such file; check the path or the glob's quoting"
+            )
         for path in matches:
             input_format(path)
             if path not in files:

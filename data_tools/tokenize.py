@@ -106,7 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", action="store_true", help="continue an interrupted run of the same command"
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace existing outputs; without --resume, discard an interrupted run"
+        "--force",
+        action="store_true",
+        help="replace existing outputs; without --resume, discard an interrupted run",
     )
     parser.add_argument("--keep-pieces", action="store_true", help="keep OUTPUT_PREFIX.pieces/ after merging")
     parser.add_argument("--max-examples", type=int, default=5, help="file:line examples shown per problem")
@@ -314,13 +316,15 @@ def _files_sha256(piece: str) -> dict[str, str]:
 
 
 def _piece_state(piece: str, records_sha256: str) -> str:
-    """"done" when the piece's marker is for these records and its files are the ones it describes
+    """ "done" when the piece's marker is for these records and its files are the ones it describes
     (a crash may leave a marker whose data files are missing or cut), "stale" when a marker exists
     but is not, "new" when there is none."""
     try:
         with open(piece + ".json") as f:
             marker = json.load(f)
-        ok = marker.get("records_sha256") == records_sha256 and marker.get("files_sha256") == _files_sha256(piece)
+        ok = marker.get("records_sha256") == records_sha256 and marker.get("files_sha256") == _files_sha256(
+            piece
+        )
     except (OSError, ValueError):
         return "stale" if os.path.exists(piece + ".json") else "new"
     return "done" if ok else "stale"
@@ -365,7 +369,11 @@ def _prepare_workdir(workdir: str, manifest: dict, resume: bool, force: bool) ->
             except (OSError, ValueError):
                 previous = {}
             if previous != manifest:
-                changed = sorted(k for k in manifest["settings"] if previous.get("settings", {}).get(k) != manifest["settings"][k])
+                changed = sorted(
+                    k
+                    for k in manifest["settings"]
+                    if previous.get("settings", {}).get(k) != manifest["settings"][k]
+                )
                 if previous.get("tokenizer_fingerprint") != manifest["tokenizer_fingerprint"]:
                     changed.append("tokenizer (fingerprint)")
                 raise DataError(

@@ -252,7 +252,9 @@ def test_dataset_fingerprint_is_the_identity_of_the_samples(data, tmp_path):
         assert dataset_fingerprint(config(data, tmp_path, **{"blend": blend, **change})) != fingerprint
     # A dataset whose files changed without its sidecar is refused rather than trusted.
     shutil.copy(data / "b.bin", tmp_path / "copy.bin")
-    with pytest.raises(ValueError, match="copy.meta.json describes a .bin of .* the dataset changed without its sidecar"):
+    with pytest.raises(
+        ValueError, match="copy.meta.json describes a .bin of .* the dataset changed without its sidecar"
+    ):
         dataset_fingerprint(config(data, tmp_path, blend=moved))
 
 

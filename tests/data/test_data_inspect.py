@@ -45,7 +45,13 @@ def dataset_with_file_tokenizer(tmp_path):
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "t.json").write_text(BYTE_TOKENIZER_PATH.read_text())
     write_jsonl(tmp_path / "in.jsonl", ["hello", "world"])
-    argv = [str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "tok" / "t.json")]
+    argv = [
+        str(tmp_path / "in.jsonl"),
+        "--output-prefix",
+        str(tmp_path / "ds"),
+        "--tokenizer",
+        str(tmp_path / "tok" / "t.json"),
+    ]
     assert tokenize.main(argv) == 0
     return tmp_path / "ds"
 
@@ -61,7 +67,9 @@ def test_inspect_refuses_another_tokenizer_of_the_same_size(dataset_with_file_to
     assert "missing.bin not found" in capsys.readouterr().err
 
 
-def test_old_relative_tokenizer_path_resolves_beside_the_meta(dataset_with_file_tokenizer, tmp_path, capsys, monkeypatch):
+def test_old_relative_tokenizer_path_resolves_beside_the_meta(
+    dataset_with_file_tokenizer, tmp_path, capsys, monkeypatch
+):
     prefix = str(dataset_with_file_tokenizer)
     meta = indexed.read_sidecar(prefix)
     meta["tokenizer"] = "tok/t.json"  # as an older tokenize wrote it (relative, as typed)
@@ -71,4 +79,7 @@ def test_old_relative_tokenizer_path_resolves_beside_the_meta(dataset_with_file_
     capsys.readouterr()
     assert inspect_dataset.main([prefix, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["tokenizer"]["name"] == str(tmp_path / "tok" / "t.json") and report["sample"]["text"] == "hello<|endoftext|>"
+    assert (
+        report["tokenizer"]["name"] == str(tmp_path / "tok" / "t.json")
+        and report["sample"]["text"] == "hello<|endoftext|>"
+    )

@@ -119,7 +119,9 @@ def test_mixture_is_deterministic_and_refuses_a_foreign_tokenizer(sources, tmp_p
     assert mixture.main([*common, "--output-prefix", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
     assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
-    assert indexed.read_sidecar(str(tmp_path / "a"))["tokenizer"] == "byte"  # the sources' tokenizer by default
+    assert (
+        indexed.read_sidecar(str(tmp_path / "a"))["tokenizer"] == "byte"
+    )  # the sources' tokenizer by default
     foreign = write_word_tokenizer(tmp_path / "words.json", 200)
     assert mixture.main([*common, "--output-prefix", str(tmp_path / "c"), "--tokenizer", foreign]) == 2
     assert "was tokenized with tokenizer 'byte'" in capsys.readouterr().err
@@ -133,10 +135,16 @@ def test_mixture_never_writes_over_a_source(sources, tmp_path, capsys):
     (tmp_path / "link").symlink_to(root)
     os.link(root / "short.idx", tmp_path / "hard.idx")
     common = ["--source", str(root / "short"), "1", "--seq-length", "64", "--min-length", "200"]
-    for out, force in ((root / "short", []), (tmp_path / "link" / "short", ["--force"]), (tmp_path / "hard", ["--force"])):
+    for out, force in (
+        (root / "short", []),
+        (tmp_path / "link" / "short", ["--force"]),
+        (tmp_path / "hard", ["--force"]),
+    ):
         assert mixture.main([*common, "--output-prefix", str(out), *force]) == 2
         err = capsys.readouterr().err
-        assert "would overwrite the input" in err and str(root / "short.") in err and len(err.splitlines()) == 1
+        assert (
+            "would overwrite the input" in err and str(root / "short.") in err and len(err.splitlines()) == 1
+        )
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.name.startswith("short.")} == before
 
 
@@ -163,7 +171,15 @@ def test_mixture_replaces_outputs_only_with_force_and_atomically(sources, tmp_pa
 
 def test_mixture_without_sequences_fails_and_writes_nothing(sources, tmp_path, capsys):
     root, _ = sources
-    common = ["--source", str(root / "short"), "1", "--min-length", "200", "--output-prefix", str(tmp_path / "m")]
+    common = [
+        "--source",
+        str(root / "short"),
+        "1",
+        "--min-length",
+        "200",
+        "--output-prefix",
+        str(tmp_path / "m"),
+    ]
     assert mixture.main([*common, "--seq-length", "100000"]) == 1
     err = capsys.readouterr().err
     assert "no sequence to write; nothing was written" in err

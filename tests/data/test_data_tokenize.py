@@ -218,7 +218,7 @@ def test_text_and_parquet_inputs(tmp_path, byte_tokenizer, capsys):
 
 def test_missing_input_is_refused(tmp_path, capsys):
     assert run([tmp_path / "nothing-here*.jsonl"], tmp_path / "out") == 2
-    assert "nothing-here*.jsonl'"+": no such file" in capsys.readouterr().err
+    assert "nothing-here*.jsonl'" + ": no such file" in capsys.readouterr().err
     (tmp_path / "x.csv").write_text("a,b\n")
     assert run([tmp_path / "x.csv"], tmp_path / "out") == 2
     assert "unknown format; rename it or convert it" in capsys.readouterr().err
@@ -227,7 +227,10 @@ def test_missing_input_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize(
     "lines, reasons",
     [
-        (['{"body": 1}', "not json", '{"text": ""}', '{"text": "x"}'], "empty: 1|missing_field: 1|unreadable: 1"),
+        (
+            ['{"body": 1}', "not json", '{"text": ""}', '{"text": "x"}'],
+            "empty: 1|missing_field: 1|unreadable: 1",
+        ),
         ([], ""),
     ],
 )
@@ -236,7 +239,9 @@ def test_no_document_fails_with_the_reasons_and_leaves_nothing(tmp_path, capsys,
     (tmp_path / "in").mkdir()
     path = tmp_path / "in" / "in.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
-    assert run([path], tmp_path / "out", "--vocab-size", "100", "--no-append-eod", "--docs-per-piece", "2") == 1
+    assert (
+        run([path], tmp_path / "out", "--vocab-size", "100", "--no-append-eod", "--docs-per-piece", "2") == 1
+    )
     err = capsys.readouterr().err
     assert f"no document to write ({len(lines)} records in 1 files" in err and "nothing was written" in err
     if lines:
@@ -266,7 +271,10 @@ def test_meta_stores_a_portable_tokenizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     assert tokenize.main(["in.jsonl", "--output-prefix", "data/ds", "--tokenizer", "tok/t.json"]) == 0
     meta = indexed.read_sidecar("data/ds")
-    assert meta["tokenizer"] == str(tmp_path / "work" / "tok" / "t.json") and meta["tokenizer_name"] == "tok/t.json"
+    assert (
+        meta["tokenizer"] == str(tmp_path / "work" / "tok" / "t.json")
+        and meta["tokenizer_name"] == "tok/t.json"
+    )
     assert meta["inputs"] == [str(tmp_path / "work" / "in.jsonl")]
     monkeypatch.chdir(tmp_path)
     assert indexed.sidecar_tokenizer("work/data/ds", meta) == meta["tokenizer"]

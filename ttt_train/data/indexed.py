@@ -115,7 +115,11 @@ def read_sidecar(prefix: str) -> dict | None:
         raise DataError(f"{path}: not readable JSON ({err}); rebuild the dataset or delete the file") from err
     for suffix in (".bin", ".idx"):
         recorded = meta.get(f"{suffix[1:]}_bytes")
-        if recorded is not None and os.path.exists(prefix + suffix) and os.path.getsize(prefix + suffix) != recorded:
+        if (
+            recorded is not None
+            and os.path.exists(prefix + suffix)
+            and os.path.getsize(prefix + suffix) != recorded
+        ):
             raise DataError(
                 f"{path} describes a {suffix} of {recorded} bytes but {prefix + suffix} has "
                 f"{os.path.getsize(prefix + suffix)}: the dataset changed without its sidecar; rebuild it"
@@ -150,7 +154,11 @@ def dataset_identity(prefix: str) -> str:
     meta = read_sidecar(prefix) or {}
     open_dataset(prefix)  # refuses a missing file by name
     bin_size = os.path.getsize(prefix + ".bin")
-    parts = [_file_sha256(prefix + ".idx", *_stat_key(prefix + ".idx")), str(bin_size), str(meta.get("tokenizer_fingerprint"))]
+    parts = [
+        _file_sha256(prefix + ".idx", *_stat_key(prefix + ".idx")),
+        str(bin_size),
+        str(meta.get("tokenizer_fingerprint")),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 

@@ -81,7 +81,7 @@ class Tokenizer:
 
 
 def portable_spec(spec: str) -> str:
-    """"byte", or the absolute path of a tokenizer file or directory (usable from any folder)."""
+    """ "byte", or the absolute path of a tokenizer file or directory (usable from any folder)."""
     spec = str(spec)
     return spec if spec == "byte" else str(Path(spec).expanduser().resolve())
 
