@@ -52,6 +52,8 @@ def test_tokenizer_json_file_and_hf_directory(tmp_path, byte_tokenizer):
     hf = load_tokenizer(str(directory))
     # "<|endoftext|>" is preferred over an eos that is not a document end; a pad equal to EOD is no pad.
     assert (hf.eod_id, hf.vocab_size) == (256, 258)
+    # The directory form (to which transformers adds a post-processor) is the same tokenizer as its file.
+    assert hf.fingerprint == byte_tokenizer.fingerprint and hf.spec == str(directory.resolve())
     assert hf.decode(hf.encode(TEXTS[2])) == TEXTS[2]
     explicit = load_tokenizer(str(directory), eod_token="<|pad|>")
     assert (explicit.eod_id, explicit.pad_id) == (257, None)

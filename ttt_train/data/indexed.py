@@ -29,7 +29,6 @@ from ttt_train.data.errors import DataError, DataFileNotFoundError
 from ttt_train.data.tokenizer import Tokenizer
 
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a .bin for its largest id
-_HASH_CHUNK = 1 << 24  # bytes per read when hashing a .idx
 SUFFIXES = (".bin", ".idx", ".meta.json")  # the files of a dataset, in the order they are published
 
 
@@ -92,10 +91,14 @@ def atomic_outputs(prefix: str) -> Iterator[str]:
 
 def open_dataset(prefix: str) -> IndexedDataset:
     """Open `prefix`, refusing with the missing path named when it is absent."""
+    _require_files(prefix)
+    return IndexedDataset(prefix)
+
+
+def _require_files(prefix: str) -> None:
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
             raise DataFileNotFoundError(f"indexed dataset {prefix!r}: {prefix + suffix} not found")
-    return IndexedDataset(prefix)
 
 
 def sidecar_path(prefix: str) -> str:
@@ -151,12 +154,11 @@ def dataset_identity(prefix: str) -> str:
     """sha256 identifying PREFIX's data whatever its path or mtime: of the .idx bytes (every
     document length and boundary: all megatron's indices depend on), the .bin size, and the tokenizer
     fingerprint of the sidecar. Rebuilding a dataset in place changes it."""
+    _require_files(prefix)
     meta = read_sidecar(prefix) or {}
-    open_dataset(prefix)  # refuses a missing file by name
-    bin_size = os.path.getsize(prefix + ".bin")
     parts = [
         _file_sha256(prefix + ".idx", *_stat_key(prefix + ".idx")),
-        str(bin_size),
+        str(os.path.getsize(prefix + ".bin")),
         str(meta.get("tokenizer_fingerprint")),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
@@ -171,11 +173,8 @@ def _stat_key(path: str) -> tuple[str, int, int, int, int]:
 @functools.lru_cache(maxsize=256)
 def _file_sha256(path: str, *stat_key) -> str:
     """sha256 of the file, cached per process by `stat_key` (a rebuild gets a new one)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tokens_array(dataset: IndexedDataset, prefix: str) -> numpy.ndarray:
