@@ -54,23 +54,37 @@ class Sample:
     prompt_tokens: int
 
 
-def pseudo_words(rng: numpy.random.Generator, count: int, exclude: set[str] = frozenset()) -> list[str]:
-    """`count` distinct pronounceable words of 2-3 consonant-vowel syllables, none in `exclude`."""
-    words: dict[str, None] = {}
-    while len(words) < count:
-        syllables = int(rng.integers(2, 4))
-        word = "".join(_CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))]
-                       for _ in range(syllables))
-        if word not in exclude:
-            words[word] = None
-    return list(words)
+def _distinct(draw, count: int) -> list[str]:
+    """`count` distinct strings from batches `draw(k)` of k strings, in draw order."""
+    found: dict[str, None] = {}
+    while len(found) < count:
+        for item in draw(count - len(found)):
+            if len(found) < count:
+                found[item] = None
+    return list(found)
+
+
+def pseudo_words(rng: numpy.random.Generator, count: int) -> list[str]:
+    """`count` distinct pronounceable words of 2-3 consonant-vowel syllables."""
+    syllables = numpy.array([c + v for c in _CONSONANTS for v in _VOWELS])
+
+    def draw(k):
+        picks = syllables[rng.integers(0, len(syllables), size=(k, 3))]
+        lengths = rng.integers(2, 4, size=k)
+        return ["".join(p[:n]) for p, n in zip(picks, lengths)]
+
+    return _distinct(draw, count)
+
+
+def _codes(rng: numpy.random.Generator, count: int, length: int, upper: bool = False) -> list[str]:
+    """`count` distinct strings of `length` random letters."""
+    letters = numpy.array(list(_LETTERS.upper() if upper else _LETTERS))
+    return _distinct(lambda k: ["".join(row) for row in letters[rng.integers(0, 26, size=(k, length))]], count)
 
 
 def _distinct_numbers(rng: numpy.random.Generator, count: int, digits: int) -> list[str]:
-    low, values = 10 ** (digits - 1), {}
-    while len(values) < count:
-        values[str(rng.integers(low, 10 * low))] = None
-    return list(values)
+    low = 10 ** (digits - 1)
+    return _distinct(lambda k: [str(v) for v in rng.integers(low, 10 * low, size=k)], count)
 
 
 def _insert(sentences: list[str], rng: numpy.random.Generator, items: list[str]) -> str:
@@ -108,10 +122,7 @@ def niah(rng, n: int, haystack: Haystack, *, num_keys: int = 1, num_values: int 
 def variable_tracking(rng, n: int, haystack: Haystack, *, num_chains: int = 1, num_hops: int = 4) -> Prompt:
     """`num_chains` chains of `num_hops` re-assignments hidden in n haystack sentences; the first
     chain's value is asked for and all its variables are the references."""
-    names: dict[str, None] = {}
-    while len(names) < num_chains * (num_hops + 1):
-        names["".join(_LETTERS[i].upper() for i in rng.integers(0, 26, size=5))] = None
-    names = list(names)
+    names = _codes(rng, num_chains * (num_hops + 1), 5, upper=True)
     values = _distinct_numbers(rng, num_chains, 5)
     chains = [names[c * (num_hops + 1):(c + 1) * (num_hops + 1)] for c in range(num_chains)]
     statements = []
@@ -155,10 +166,7 @@ def frequent_words(rng, n: int, haystack: Haystack, *, alpha: float = 2.0, vocab
                    num_answers: int = 3) -> Prompt:
     """n coded words (6 random letters) drawn by rank from a Zipf law with exponent `alpha` over
     `vocab_size` codes; the `num_answers` most frequent (ties by rank) are asked for."""
-    vocab: dict[str, None] = {}
-    while len(vocab) < vocab_size:
-        vocab["".join(_LETTERS[i] for i in rng.integers(0, 26, size=6))] = None
-    vocab = list(vocab)
+    vocab = _codes(rng, vocab_size, 6)
     ranks = rng.zipf(alpha, size=n)
     ranks = ranks[ranks <= vocab_size] - 1
     counts = Counter(ranks.tolist())

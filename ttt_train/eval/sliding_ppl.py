@@ -14,7 +14,7 @@ Losses come from the model's final hidden states through its output head, a slic
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from pathlib import Path
 
 import numpy
 import torch
@@ -71,7 +71,10 @@ class Documents:
         from ttt_train.data.tokenizer import load_tokenizer
 
         for tokenizer_dir in tokenizer_dirs:
-            tokenizer = load_tokenizer(str(tokenizer_dir))
+            path = Path(tokenizer_dir) / "tokenizer.json"  # the file: the directory's config may need remote code
+            if not path.is_file():
+                raise FileNotFoundError(f"sliding_ppl: {path} not found; the model needs a fast tokenizer")
+            tokenizer = load_tokenizer(str(path))
             indexed.check_against_tokenizer(prefix, tokenizer, require_eod=False)
         self.eod_id = tokenizer.eod_id
         self.dataset = indexed.open_dataset(prefix)

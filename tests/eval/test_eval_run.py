@@ -1,0 +1,167 @@
+"""`python -m ttt_train.eval` end to end on tiny models (plain Qwen3 and an exported In-Place TTT
+model): RULER at two lengths writes JSON lines, CSV and PNG; a restart skips finished samples;
+sliding-window perplexity equals a brute-force recomputation; bad settings are named."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM
+
+from ttt_train.eval import report, ruler_suite
+from ttt_train.eval.__main__ import CONFIG_DIR
+from ttt_train.eval.run import evaluate
+
+SMALL_RULER = ["suite.niah.num_keys=2", "suite.cwe.num_common=4", "suite.niah.num_values=2", "suite.niah.num_queries=2",
+               *[f"suite.max_new_tokens.{t}=12" for t in ruler_suite.TASKS]]
+
+
+def config(overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("eval", overrides=overrides)
+
+
+def run(overrides):
+    return evaluate(config(overrides))
+
+
+@pytest.fixture
+def count_generate(monkeypatch):
+    """Counts the prompts greedy_generate receives (still generating for real)."""
+    prompts = []
+    real = ruler_suite.greedy_generate
+
+    def counting(model, tokenizer, batch, max_new_tokens):
+        prompts.extend(batch)
+        return real(model, tokenizer, batch, max_new_tokens)
+
+    monkeypatch.setattr(ruler_suite, "greedy_generate", counting)
+    return prompts
+
+
+def test_ruler_end_to_end_and_restart(tmp_path, ttt_dir, plain_dir, count_generate, monkeypatch):
+    out = tmp_path / "ruler"
+    args = [f"models=[{ttt_dir},{plain_dir}]", "labels=[ttt,plain]", "lengths=[512,640]", "samples=2",
+            "batch_size=2", f"out={out}", "device=cpu", *SMALL_RULER]
+    rows = run(args)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == len(count_generate) == 2 * 2 * 7 * 2
+    assert {(r["model"], r["length"]) for r in records} == {(m, n) for m in ("ttt", "plain") for n in (512, 640)}
+    assert all(r["prompt_tokens"] + 12 <= r["length"] and 0 <= r["score"] <= 1 for r in records)
+    table = list(csv.DictReader((out / "ruler_scores.csv").open()))
+    assert [(r["model"], r["length"]) for r in table] == [("ttt", "512"), ("ttt", "640"), ("plain", "512"),
+                                                            ("plain", "640")]
+    assert [r["samples"] for r in rows] == [14] * 4
+    assert (out / "ruler_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+    # restart: nothing left to do; then a run cut short (5 records lost, a torn line) redoes just those
+    monkeypatch.setattr(report, "_plot", lambda *args, **kwargs: None)  # slow; checked above
+    count_generate.clear()
+    run(args)
+    assert count_generate == []
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:-5]) + lines[-5][:20])
+    run(args)
+    assert len(count_generate) == 5
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == records
+
+    with pytest.raises(ValueError, match=r"holds results of other settings \(differing: seed\)"):
+        run(args + ["seed=1"])
+
+
+def test_ruler_scores_an_echo_model_100(tmp_path, plain_dir, monkeypatch):
+    """Every reference is in the prompt: a 'model' that repeats its prompt scores 100 on every task."""
+    monkeypatch.setattr(ruler_suite, "greedy_generate", lambda model, tokenizer, prompts, n: prompts)
+    rows = run([f"models=[{plain_dir}]", "lengths=[700]", "samples=1", f"out={tmp_path}", *SMALL_RULER])
+    assert rows[0]["average"] == 100 and all(rows[0][t] == 100 for t in ruler_suite.TASKS)
+
+
+def brute_force_loss(model, tokens, first_target):
+    """Sum of -log p(tokens[t] | tokens[:t]) for t >= first_target, one forward per token."""
+    total = 0.0
+    with torch.no_grad():
+        for t in range(first_target, len(tokens)):
+            logits = model(torch.as_tensor(tokens[:t])[None]).logits[0, -1].double()
+            total -= torch.log_softmax(logits, -1)[tokens[t]].item()
+    return total
+
+
+def test_sliding_ppl_equals_brute_force(tmp_path, ttt_dir, dataset_prefix):
+    from ttt_train.data import indexed
+
+    out = tmp_path / "ppl"
+    rows = run([f"models=[{ttt_dir}]", "suite=sliding_ppl", f"suite.dataset={dataset_prefix}", "suite.block=24",
+                "suite.position_length=600", "suite.position_buckets=4", "lengths=[0,40,600]", "samples=2",
+                f"out={out}", "device=cpu"])
+    model = AutoModelForCausalLM.from_pretrained(ttt_dir, trust_remote_code=True).eval()
+    docs = indexed.open_dataset(dataset_prefix)
+    long_docs = [1, 3]  # the first two documents with >= 24 + 600 tokens (lengths 100, 700, 300, 650, 690)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    finals = {(r["length"], r["doc"]): r for r in records if r["kind"] == "final_block"}
+    assert set(finals) == {(c, d) for c in (0, 40, 600) for d in long_docs}
+    for (context, d), record in finals.items():
+        if context == 600:
+            continue  # long for the brute force; the same code path as the two shorter contexts
+        doc = docs[d][:-1].tolist()  # EOD dropped
+        window = doc[len(doc) - 24 - context:]
+        assert record["tokens"] == 23
+        assert record["loss_sum"] == pytest.approx(brute_force_loss(model, window, context + 1), rel=1e-5)
+    positions = [r for r in records if r["kind"] == "position"]
+    assert {r["doc"] for r in positions} == {1, 3}  # the first two with >= 600 tokens
+    with torch.no_grad():
+        for r in positions:
+            ids = torch.as_tensor(docs[r["doc"]][:600].astype("int64"))[None]
+            losses = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1].double(), ids[0, 1:], reduction="none")
+            edges = r["bucket_edges"]
+            assert edges == [1, 151, 300, 450, 600]  # target positions 1..599 in 4 near-equal buckets
+            want = [losses[a - 1:b - 1].sum().item() for a, b in zip(edges, edges[1:])]
+            assert r["bucket_loss_sums"] == pytest.approx(want, rel=1e-5)
+    assert [row["context"] for row in rows] == [0, 40, 600]
+    assert all(row["tokens"] == 46 for row in rows)
+    for name in ("sliding_ppl.csv", "loss_by_position.csv"):
+        assert (out / name).read_text().count("\n") > 1
+    for name in ("perplexity_vs_context.png", "loss_by_position.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["lengths=[1024,x]"], r"lengths=.*: give a list of token counts"),
+    (["suite.tasks=[niah_single,passkey]"], r"suite.tasks: unknown \['passkey'\]"),
+    (["+suite.vt.depth=0.5"], r"suite.vt: unknown option\(s\) \['depth'\]"),
+    (["labels=[a,b]"], r"labels: 2 labels for 1 models"),
+    (["ttt.lr=0.5"], r"ttt.lr / ttt.max_update_norm: model .* has no In-Place TTT"),
+    (["ttt.max_update_norm=-1"], r"ttt.max_update_norm=-1: a positive number"),
+    (["samples=0"], r"samples=0: an integer >= 1"),
+])
+def test_bad_settings_are_named(tmp_path, plain_dir, override, message):
+    with pytest.raises(ValueError, match=message):
+        run([f"models=[{plain_dir}]", "lengths=[700]", f"out={tmp_path}", *override])
+
+
+def test_bad_models_are_named(tmp_path, plain_dir):
+    with pytest.raises(FileNotFoundError, match=r"models: .*missing does not exist"):
+        run([f"models=[{tmp_path / 'missing'}]", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match=r"is neither an HF directory \(no config.json\) nor a ttt-train checkpoint"):
+        run([f"models=[{tmp_path}]", f"out={tmp_path / 'o'}"])
+    with pytest.raises(ValueError, match=r"several models are labelled \['plain_qwen30'\]"):
+        run([f"models=[{plain_dir},{plain_dir}]", f"out={tmp_path / 'o2'}"])
+
+
+@pytest.mark.slow
+def test_command_line(tmp_path, ttt_dir):
+    """The module runs as a command (Hydra), prints the table and honours ttt overrides."""
+    out = tmp_path / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "ttt_train.eval", f"models=[{ttt_dir}]", "suite.tasks=[niah_single]", "lengths=[512]",
+         "samples=2", "ttt.lr=0.5", "ttt.max_update_norm=1.0", f"out={out}", "suite.max_new_tokens.niah_single=8"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2], env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RULER score (x100) by model and length" in done.stdout and "niah_single" in done.stdout
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "settings.json").read_text())["ttt"] == {"lr": 0.5, "max_update_norm": 1.0}
