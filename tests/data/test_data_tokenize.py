@@ -278,3 +278,24 @@ def test_meta_stores_a_portable_tokenizer(tmp_path, monkeypatch):
     assert meta["inputs"] == [str(tmp_path / "work" / "in.jsonl")]
     monkeypatch.chdir(tmp_path)
     assert indexed.sidecar_tokenizer("work/data/ds", meta) == meta["tokenizer"]
+
+
+def test_never_writes_over_an_input(tmp_path, capsys):
+    """A JSON input named like the output's sidecar, an input inside the pieces folder, a tokenizer
+    file hard-linked as an output: all refused, even with --force, and left intact."""
+    sidecar_like = write_jsonl(tmp_path / "out.meta.json", ["a document"])
+    (tmp_path / "out.pieces").mkdir()
+    inside = write_jsonl(tmp_path / "out.pieces" / "in.jsonl", ["another"])
+    (tmp_path / "tok.json").write_text(BYTE_TOKENIZER_PATH.read_text())
+    os.link(tmp_path / "tok.json", tmp_path / "linked.idx")
+    plain = write_jsonl(tmp_path / "plain.jsonl", ["third"])
+    cases = [
+        ([sidecar_like], "out", []),
+        ([inside], "out", []),
+        ([plain], "linked", ["--tokenizer", tmp_path / "tok.json"]),
+    ]
+    before = {p: Path(p).read_bytes() for p in (sidecar_like, inside, tmp_path / "tok.json")}
+    for inputs, prefix, extra in cases:
+        assert run(inputs, tmp_path / prefix, "--force", "--resume", *extra) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert {p: Path(p).read_bytes() for p in before} == before
