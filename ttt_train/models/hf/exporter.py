@@ -224,7 +224,7 @@ def verify_export(gpt, out_dir: Path, model_cfg: ModelConfig, ttt: TTTConfig | N
     from ttt_train.models.hf.verify import (
         compare_logits,
         hf_model_logits,
-        plain_torch_factories,
+        load_causal_lm,
         prompt_lengths,
         sample_prompts,
     )
@@ -232,10 +232,9 @@ def verify_export(gpt, out_dir: Path, model_cfg: ModelConfig, ttt: TTTConfig | N
     gpt.float()
 
     def hf_logits(prompts):
-        with plain_torch_factories():
-            model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
-                                                         trust_remote_code=ttt is not None)
-        return hf_model_logits(model.eval(), prompts)
+        model = load_causal_lm(AutoModelForCausalLM.from_pretrained, out_dir, dtype=torch.float32,
+                               trust_remote_code=ttt is not None)
+        return hf_model_logits(model, prompts)
 
     lengths = prompt_lengths(model_cfg.max_position_embeddings, ttt.chunk_size if ttt is not None else None)
     return compare_logits([gpt], sample_prompts(model_cfg.vocab_size, lengths), hf_logits, model_cfg.vocab_size,

@@ -134,7 +134,6 @@ def verify_import(hf_dir: Path, chunks, model_cfg: ModelConfig, ttt: TTTConfig |
     from ttt_train.models.hf.verify import (
         compare_logits,
         hf_model_logits,
-        plain_torch_factories,
         prompt_lengths,
         sample_prompts,
     )
@@ -142,9 +141,7 @@ def verify_import(hf_dir: Path, chunks, model_cfg: ModelConfig, ttt: TTTConfig |
     with_ttt_tensors = bool(hf_ttt_layers(SafetensorsFolder(hf_dir).names()))
 
     def hf_logits(prompts):
-        with plain_torch_factories():
-            model = load_hf_model(hf_dir, model_cfg, ttt if with_ttt_tensors else None)
-        return hf_model_logits(model, prompts)
+        return hf_model_logits(load_hf_model(hf_dir, model_cfg, ttt if with_ttt_tensors else None), prompts)
 
     lengths = prompt_lengths(model_cfg.max_position_embeddings, ttt.chunk_size if ttt is not None else None)
     return compare_logits(chunks, sample_prompts(model_cfg.vocab_size, lengths), hf_logits, model_cfg.vocab_size,
@@ -156,11 +153,13 @@ def load_hf_model(hf_dir: Path, model_cfg: ModelConfig, ttt: TTTConfig | None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ttt_train.models.hf.verify import load_causal_lm
+
     if ttt is None:
-        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        return load_causal_lm(AutoModelForCausalLM.from_pretrained, hf_dir, dtype=torch.float32)
     from ttt_train.models.hf.exporter import remote_classes
     from ttt_train.models.hf.hf_config import family_for, hf_config_kwargs, ttt_config_keys
 
     config_cls, model_cls = remote_classes(family_for(model_cfg))
     config = config_cls(**hf_config_kwargs(model_cfg), **ttt_config_keys(ttt, model_cfg.num_layers))
-    return model_cls.from_pretrained(hf_dir, config=config, dtype=torch.float32).eval()
+    return load_causal_lm(model_cls.from_pretrained, hf_dir, config=config, dtype=torch.float32)

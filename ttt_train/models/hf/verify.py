@@ -7,7 +7,6 @@ that holds them also runs the HF model and broadcasts the maximum absolute diffe
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -90,21 +89,16 @@ def compare_logits(model_chunks, prompts: list[torch.Tensor], hf_logits: Callabl
     return diff
 
 
-@contextlib.contextmanager
-def plain_torch_factories():
-    """Undo `cpu_compat`'s P2 wrappers of torch's factory functions while transformers builds a model:
-    with them, transformers' meta-device loading leaves the rotary `inv_freq` buffers uninitialised
-    (garbage cos/sin). Restored on exit."""
-    from ttt_train.runtime.cpu_compat import FACTORIES
-
-    wrapped = {name: fn for name in FACTORIES if getattr(fn := getattr(torch, name), "__wrapped_for_cpu__", False)}
-    for name, fn in wrapped.items():
-        setattr(torch, name, fn.__wrapped__)
-    try:
-        yield
-    finally:
-        for name, fn in wrapped.items():
-            setattr(torch, name, fn)
+def load_causal_lm(loader: Callable, *args, **kwargs):
+    """`loader(*args, **kwargs)` (a transformers `from_pretrained`), then the rotary `inv_freq` buffers
+    recomputed. In a process where megatron's CPU patches are active (`cpu_compat`), transformers'
+    meta-device loading leaves these non-persistent buffers uninitialised (garbage cos/sin)."""
+    model = loader(*args, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+                model._init_weights(module)
+    return model.eval()
 
 
 def hf_model_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:

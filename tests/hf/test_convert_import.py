@@ -1,0 +1,217 @@
+"""HF -> ttt-train import (and the round trip back): logits equal transformers' at TP=1, TP=2 and PP=2,
+with TTT inserted; import -> export gives the original tensors; bad folders fail naming the problem.
+
+Tiny random Qwen3 / Llama models are built and saved by the tests (nothing downloaded); each
+conversion runs in local ranks (`run_local_ranks`), the comparison against transformers in the rank
+that holds the logits (`ttt_train.models.hf.verify`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+
+import pytest
+import torch
+
+from ttt_train.runtime.local_ranks import LocalRanksError, run_local_ranks
+
+FP32_TOL = 1e-4
+
+
+def make_hf_model(folder, family: str = "qwen3", *, tied: bool = True, rope: dict | None = None, layers: int = 3,
+                  seed: int = 0, **overrides):
+    """Save a tiny random transformers Qwen3 (qk-norm, GQA, head_dim != hidden/heads) or Llama model;
+    norm weights are randomised too, so a misplaced norm shows in the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else (LlamaConfig, LlamaForCausalLM)
+    values = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=tied,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
+                  rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0})
+    values.update(overrides)
+    model = model_cls(config_cls(**values))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.8, "mscale_all_dim": 0.5, "truncate": True}
+
+
+def _import_and_compare(hf_dir, out, layout: dict, ttt: dict | None = None) -> float | None:
+    """Rank function: import at `layout`, return the max logit difference against transformers."""
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models.hf.importer import import_hf
+    from ttt_train.runtime.distributed import ParallelConfig
+
+    import_hf(hf_dir, out, parallel=ParallelConfig(**layout), ttt=TTTConfig.from_dict(ttt) if ttt else None,
+              verify=False, progress=False)
+    return _verify(hf_dir, out, layout, ttt)
+
+
+def _verify(hf_dir, out, layout, ttt):
+    """Build the model at `layout` from the checkpoint just written and compare with transformers."""
+    from pathlib import Path
+
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import build_gpt_model, to_transformer_config
+    from ttt_train.models.hf.importer import resolve_configs, verify_import
+    from ttt_train.runtime.distributed import ParallelConfig, initialize
+    from ttt_train.training.checkpoint import load_checkpoint
+
+    model_cfg, ttt_cfg = resolve_configs(hf_dir, ttt=TTTConfig.from_dict(ttt) if ttt else None)
+    parallel = ParallelConfig(**layout)
+    initialize(parallel)
+    chunks = [build_gpt_model(model_cfg, to_transformer_config(model_cfg, parallel), ttt=ttt_cfg)]
+    load_checkpoint(out, chunks)
+    return verify_import(Path(hf_dir), chunks, model_cfg, ttt_cfg, tolerance=FP32_TOL)
+
+
+CASES = {"qwen3_tied": dict(family="qwen3", tied=True), "qwen3_untied": dict(family="qwen3", tied=False),
+         "llama31": dict(family="llama", tied=False, rope=LLAMA31_ROPE)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_import_logits_equal_transformers_tp1(tmp_path, case):
+    hf_dir = make_hf_model(tmp_path / "hf", **CASES[case])
+    (diff,) = run_local_ranks(_import_and_compare, 1, str(hf_dir), str(tmp_path / "ckpt"), {})
+    assert diff < FP32_TOL
+    manifest = json.loads(next((tmp_path / "ckpt").glob("iter_*/ttt_meta.json")).read_text())["manifest"]
+    assert manifest["model"]["tie_embeddings"] == CASES[case]["tied"]
+    assert (tmp_path / "ckpt" / "model.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("case", ["qwen3_tied", "llama31"])
+def test_import_logits_equal_transformers_tp2_pp2(tmp_path, case, layout):
+    hf_dir = make_hf_model(tmp_path / "hf", **CASES[case], layers=4)
+    diffs = run_local_ranks(_import_and_compare, 2, str(hf_dir), str(tmp_path / "ckpt"), layout)
+    assert diffs[0] == diffs[1] and diffs[0] < FP32_TOL
+
+
+def test_fresh_ttt_keeps_the_base_model(tmp_path):
+    """TTT inserted in layers 0 and 2 (chunk 8; prompts of 5 and 19 tokens cross chunk edges) starts
+    as the base model: logits equal the plain HF model's."""
+    hf_dir = make_hf_model(tmp_path / "hf", tied=False)
+    ttt = dict(layers=[0, 2], chunk_size=8, lr=1.0)
+    (diff,) = run_local_ranks(_import_and_compare, 1, str(hf_dir), str(tmp_path / "ckpt"), {}, ttt)
+    assert diff < FP32_TOL
+    manifest = json.loads(next((tmp_path / "ckpt").glob("iter_*/ttt_meta.json")).read_text())["manifest"]
+    assert manifest["ttt"]["layers"] == [0, 2]
+
+
+def _round_trip(hf_dir, ckpt, out):
+    from ttt_train.models.hf import export_checkpoint, import_hf
+
+    import_hf(hf_dir, ckpt, verify=True, tolerance=FP32_TOL, progress=False)
+    export_checkpoint(ckpt, out, verify=True, tolerance=FP32_TOL, max_shard_size="100KB")
+
+
+def test_round_trip_gives_identical_tensors_and_keeps_yarn(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from ttt_train.models.hf.hf_files import SafetensorsFolder
+
+    hf_dir = make_hf_model(tmp_path / "hf", tied=False, rope=YARN_ROPE)
+    run_local_ranks(_round_trip, 1, str(hf_dir), str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    src, dst = SafetensorsFolder(hf_dir), SafetensorsFolder(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded
+    assert src.names() == dst.names()
+    exported = dict(dst.iter_tensors(dst.names()))
+    for name, tensor in src.iter_tensors(src.names()):
+        assert torch.equal(tensor, exported[name]), name
+    rope = AutoConfig.from_pretrained(tmp_path / "out").rope_parameters
+    for key, value in YARN_ROPE.items():
+        assert rope[key] == value, key
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    with safe_open(tmp_path / "out" / dst.file_of["lm_head.weight"], framework="pt") as f:
+        assert f.get_slice("lm_head.weight").get_shape() == [300, 64]  # vocabulary padding removed
+
+
+def _import_error(hf_dir, out, ttt=None, preset=None) -> str:
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import load_model_config
+    from ttt_train.models.hf import import_hf
+
+    try:
+        import_hf(hf_dir, out, ttt=TTTConfig.from_dict(ttt) if ttt else None, verify=False, progress=False,
+                  preset=load_model_config(preset) if preset else None)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return "no error"
+
+
+def _errors(folders: dict) -> dict:
+    return {name: _import_error(*args) for name, args in folders.items()}
+
+
+def test_bad_folders_fail_naming_the_problem(tmp_path):
+    base = make_hf_model(tmp_path / "base")
+    folders = {}
+    (tmp_path / "empty").mkdir()
+    folders["no_config"] = (str(tmp_path / "empty"), str(tmp_path / "o1"))
+    qwen2 = shutil.copytree(base, tmp_path / "qwen2")
+    cfg = json.loads((qwen2 / "config.json").read_text())
+    (qwen2 / "config.json").write_text(json.dumps(dict(cfg, architectures=["Qwen2ForCausalLM"])))
+    folders["qwen2"] = (str(qwen2), str(tmp_path / "o2"))
+    gpt2 = shutil.copytree(base, tmp_path / "gpt2")
+    (gpt2 / "config.json").write_text(json.dumps(dict(cfg, architectures=["GPT2LMHeadModel"])))
+    folders["gpt2"] = (str(gpt2), str(tmp_path / "o3"))
+    shape = shutil.copytree(base, tmp_path / "shape")
+    (shape / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
+    folders["shape"] = (str(shape), str(tmp_path / "o4"))
+    folders["preset"] = (str(base), str(tmp_path / "o5"), None, "tiny")
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(sharded, max_shard_size="100KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    lost = sorted(set(index["weight_map"].values()))[1]
+    (sharded / lost).unlink()
+    folders["missing_shard"] = (str(sharded), str(tmp_path / "o6"))
+    errors = run_local_ranks(_errors, 1, folders)[0]
+    assert "config.json: not found" in errors["no_config"]
+    assert "Qwen2ForCausalLM is not supported" in errors["qwen2"] and "biases" in errors["qwen2"]
+    assert "unsupported architecture ['GPT2LMHeadModel']" in errors["gpt2"]
+    assert "down_proj.weight has shape [64, 96], the model expects [64, 128]" in errors["shape"]
+    assert "preset 'tiny' does not match" in errors["preset"] and "model.num_layers: preset 4, config.json 3" in errors["preset"]
+    assert lost in errors["missing_shard"] and "missing" in errors["missing_shard"]
+
+
+def test_export_refuses_an_incomplete_checkpoint(tmp_path):
+    folder = tmp_path / "ckpt" / "iter_0000005"
+    folder.mkdir(parents=True)
+    (folder / "common.pt").write_bytes(b"")
+    with pytest.raises(LocalRanksError, match="not a complete ttt-train checkpoint"):
+        run_local_ranks(functools.partial(_export, str(folder), str(tmp_path / "out")), 1)
+
+
+def _export(ckpt, out):
+    from ttt_train.models.hf import export_checkpoint
+
+    export_checkpoint(ckpt, out)
+
+
+def test_cli_import_then_export(tmp_path):
+    from ttt_train.convert import main
+
+    hf_dir = make_hf_model(tmp_path / "hf", family="llama", tied=True)
+    args = ["import", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt"), "--tolerance", "1e-4"]
+    assert run_local_ranks(main, 1, args) == [0]
+    args = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--tolerance=1e-4"]
+    assert run_local_ranks(main, 1, args) == [0]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    args = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
+    assert run_local_ranks(main, 1, args) == [1]  # the folder exists
