@@ -52,7 +52,8 @@ def check_outputs(outputs: Iterable[str], inputs: Iterable[str]) -> None:
             seen.append((path, os.path.realpath(path), (st.st_dev, st.st_ino)))
     for out in outputs:
         real = os.path.realpath(out)
-        inode = (os.stat(out).st_dev, os.stat(out).st_ino) if os.path.exists(out) else None
+        st = os.stat(out) if os.path.exists(out) else None
+        inode = (st.st_dev, st.st_ino) if st else None
         for path, in_real, in_inode in seen:
             if real == in_real or inode == in_inode or in_real.startswith(real + os.sep):
                 raise DataFileExistsError(

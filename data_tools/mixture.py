@@ -222,13 +222,12 @@ def _main(argv: list[str] | None) -> int:
         args.seed,
         prefixes,
     )
-    if not plan.units:
-        dropped = sum(int((n < args.min_length).sum()) for n in lengths) if args.short == "drop" else 0
+    if not plan.units:  # no long document, and fewer short tokens than one sequence
         print(
             f"{PROG}: error: no sequence to write; nothing was written. Left out:",
-            f"  long documents (>= --min-length {args.min_length}): none drawn",
-            f"  short documents dropped (--short drop): {dropped}",
-            f"  short tokens left over (fewer than one --seq-length {args.seq_length}): {plan.leftover_tokens}",
+            f"  long documents (>= --min-length {args.min_length}): none",
+            f"  short documents: {plan.short_documents}, {plan.leftover_tokens} tokens: fewer than one "
+            f"--seq-length {args.seq_length}",
             "Lower --seq-length or --min-length, or add data.",
             sep="\n",
             file=sys.stderr,

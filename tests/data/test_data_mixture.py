@@ -183,7 +183,8 @@ def test_mixture_without_sequences_fails_and_writes_nothing(sources, tmp_path, c
     assert mixture.main([*common, "--seq-length", "100000"]) == 1
     err = capsys.readouterr().err
     assert "no sequence to write; nothing was written" in err
-    assert "short tokens left over (fewer than one --seq-length 100000): " in err
+    assert "  long documents (>= --min-length 200): none\n  short documents: 80, " in err
+    assert "tokens: fewer than one --seq-length 100000" in err
     assert mixture.main([*common, "--seq-length", "64", "--short", "drop"]) == 2
     assert "has no documents to draw (none of at least --min-length 200 tokens)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
