@@ -1,0 +1,72 @@
+"""Export of In-Place TTT models: after the TTT parameters moved away from their initialisation, the
+exported folder under `AutoModelForCausalLM(..., trust_remote_code=True)` gives the ttt-train model's
+logits (both target sources, with and without clipping, prompts of 5 and 19 tokens for chunk 8:
+not multiples of the chunk); without `trust_remote_code` transformers refuses the folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.hf.test_convert_import import make_hf_model
+from ttt_train.runtime.local_ranks import run_local_ranks
+
+CASES = {"hidden_states": dict(target="hidden_states"), "input_embed": dict(target="input_embed"),
+         "hidden_states_clip": dict(target="hidden_states", max_update_norm=0.05),
+         "input_embed_clip": dict(target="input_embed", max_update_norm=0.05)}
+
+
+def _train_like(model, seed: int) -> None:
+    """Move every TTT parameter off its initialisation (a full, non-symmetric W_target, so a missing
+    transpose shows), as a few optimizer steps would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".ttt_target." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * (0.5 if "conv" in name else 0.2))
+
+
+def _export_ttt_models(hf_dir, root, cases: dict) -> dict:
+    """Rank function: for each TTT case import, change the TTT parameters, save, export with verification."""
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import build_gpt_model, to_transformer_config
+    from ttt_train.models.hf import export_checkpoint, import_hf
+    from ttt_train.runtime.distributed import ParallelConfig
+    from ttt_train.training.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+
+    diffs = {}
+    for name, values in cases.items():
+        ttt = TTTConfig.from_dict(dict(layers=[0, 2], chunk_size=8, lr=1.0, **values))
+        ckpt = f"{root}/{name}/ckpt"
+        import_hf(hf_dir, ckpt, ttt=ttt, verify=False, progress=False)
+        info = read_checkpoint_info(ckpt)
+        model_cfg = info["manifest"]["model"]
+        from ttt_train.models import ModelConfig
+
+        model_cfg = ModelConfig.from_dict(model_cfg)
+        gpt = build_gpt_model(model_cfg, to_transformer_config(model_cfg, ParallelConfig()), ttt=ttt)
+        load_checkpoint(ckpt, [gpt])
+        _train_like(gpt, seed=len(diffs))
+        save_checkpoint(ckpt, 1, [gpt], manifest=info["manifest"])
+        export_checkpoint(ckpt, f"{root}/{name}/hf", verify=True, tolerance=1e-4)
+        diffs[name] = True
+    return diffs
+
+
+def test_ttt_export_runs_in_place_ttt_under_transformers(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_dir = make_hf_model(tmp_path / "base", tied=False)
+    (done,) = run_local_ranks(_export_ttt_models, 1, str(hf_dir), str(tmp_path), CASES, timeout=900)
+    assert sorted(done) == sorted(CASES)
+    out = tmp_path / "input_embed_clip" / "hf"
+    config = json.loads((out / "config.json").read_text())
+    assert config["ttt_mode"] is True and config["ttt_layers"] == [0, 2] and config["ttt_target"] == "input_embed"
+    assert config["ttt_max_update_norm"] == 0.05 and config["ttt_chunk"] == 8 and config["ttt_conv_size"] == 5
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith("InPlaceTTTQwen3ForCausalLM")
+    assert AutoConfig.from_pretrained(out, trust_remote_code=True).model_type == "inplace_ttt_qwen3"
+    with pytest.raises(ValueError):
+        AutoModelForCausalLM.from_pretrained(out)
