@@ -131,6 +131,7 @@ def run(cfg, stages: list[Stage]) -> int:
     writer = MetricsWriter(run_dir, cfg.logging.wandb, cfg.run.name, OmegaConf.to_container(cfg, resolve=True),
                            wandb_id, enabled=rank == 0)
     flags = StopFlags(list(cfg.run.signals), cfg.run.exit_after_minutes, cfg.checkpoint.every_minutes)
+    flags.shield_checkpoint_writer()
     code, state = 0, "finished"
     try:
         for stage in stages[start:]:

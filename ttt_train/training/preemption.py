@@ -41,6 +41,23 @@ class StopFlags:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def shield_checkpoint_writer(self) -> None:
+        """Start dist_checkpointing's result-queue manager now, with the watched signals ignored.
+
+        That manager is a *spawned* process created at the first save, and torchrun sends SIGTERM
+        to each worker's whole process group: without this a preemption signal kills it and the save
+        fails. An ignored signal stays ignored across exec; this rank's own handlers are restored
+        right after. (The writer processes of each save are forked: they inherit the flag-only handler.)
+        """
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.previous}
+        try:
+            _get_write_results_queue()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
     def saved(self) -> None:
         """A checkpoint was just written: restart the periodic-save clock."""
         self.last_save = time.monotonic()
