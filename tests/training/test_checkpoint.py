@@ -16,29 +16,39 @@ from ttt_train.runtime.local_ranks import run_local_ranks
 # ----------------------------------------------------------------------------- rank-side scenarios
 
 
-def _build(layout: dict | None = None, ttt: dict | None = None, optimizer: bool = True, **model_overrides):
+def _build(layout: dict | None = None, ttt: dict | None = None, optimizer: bool = True, seed: int = 1234,
+           distributed_optimizer: bool = False, **model_overrides):
     from ttt_train.layers.ttt_config import TTTConfig
     from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
     from ttt_train.runtime.distributed import ParallelConfig, initialize
     from ttt_train.training.optimizer import OptimizerArgs, build_optimizer
     from ttt_train.training.setup import DDPConfig, wrap_for_training
 
-    parallel = ParallelConfig(**(layout or {}))
+    parallel = ParallelConfig(seed=seed, **(layout or {}))
     initialize(parallel)
     model_cfg = load_model_config("tiny", **{"num_layers": 2, **model_overrides})
     ttt_cfg = TTTConfig.from_dict({"chunk_size": 8, **ttt}) if ttt is not None else None
     config = to_transformer_config(model_cfg, parallel)
-    chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
-    opt = build_optimizer(OptimizerArgs(lr=1e-2), chunks, config) if optimizer else None
+    chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config,
+                               DDPConfig(use_distributed_optimizer=distributed_optimizer))
+    opt = build_optimizer(OptimizerArgs(lr=1e-2), chunks, config,
+                          use_distributed_optimizer=distributed_optimizer) if optimizer else None
     return chunks, opt, model_cfg, ttt_cfg, parallel
 
 
-def _train_step(chunks, optimizer, vocab: int, seed: int = 0) -> None:
+def _train_step(chunks, optimizer, vocab: int, seed: int = 0, rows: slice = slice(None)) -> float:
+    """One optimizer step on the mean token loss of a fixed random batch (this rank's `rows`);
+    gradients reduced over data parallelism by megatron DDP. Returns this rank's loss."""
     from tests.support.parallel_cases import make_batch
-    from ttt_train.training.step import run_step
 
-    batch = make_batch(seed, 2, 16, vocab)
-    run_step(chunks, iter([batch]), num_microbatches=1, micro_batch_size=2, seq_length=16, optimizer=optimizer)
+    batch = {k: v[rows] for k, v in make_batch(seed, 4, 16, vocab).items()}
+    chunks[0].zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = chunks[0](batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+    loss.backward()
+    chunks[0].finish_grad_sync()
+    optimizer.step()
+    return loss.item()
 
 
 def _weights(chunks) -> dict:
@@ -144,16 +154,45 @@ def crash_points(root: str) -> dict:
     return dict(results=results, kept=sorted(p.name for p in kept_root.iterdir()))
 
 
+def _steps(chunks, optimizer, first: int, count: int, vocab: int, dp: int) -> list[float]:
+    """`count` steps on batches `first...`, each data-parallel rank on its rows; mean loss over ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    rank = ps.get_data_parallel_rank()
+    losses = []
+    for i in range(first, first + count):
+        loss = _train_step(chunks, optimizer, vocab, seed=100 + i, rows=slice(rank * 4 // dp, (rank + 1) * 4 // dp))
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, loss)
+        losses.append(sum(gathered) / len(gathered))
+    return losses
+
+
 def two_rank_checks(root: str) -> dict:
-    """TP=2: per-rank states come back per rank; a model that does not fit fails alike on both ranks."""
+    """On 2 ranks: model + optimizer saved at DP=2 resume at TP=2 (against training straight on);
+    per-rank states come back per rank; a model that does not fit fails alike on both ranks; the
+    distributed optimizer saves, and its state is refused clearly where megatron cannot load it."""
     import torch.distributed as dist
 
     from ttt_train.training import checkpoint as ckpt
 
-    chunks, _, _, _, _ = _build(layout={"tp": 2}, ttt={"layers": [1]}, optimizer=False)
-    ckpt.save_checkpoint(root, 3, chunks, rank_state={"rank": dist.get_rank()})
-    other, _, _, _, _ = _build(layout={"tp": 1}, optimizer=False, num_layers=3)
-    return dict(rank_state=ckpt.load_rank_state(root), error=_error(lambda: ckpt.load_checkpoint(root, other)))
+    root = Path(root)
+    chunks, opt, model_cfg, _, _ = _build(seed=1)
+    _steps(chunks, opt, 0, 2, model_cfg.vocab_size, 2)
+    ckpt.save_checkpoint(root / "plain", 2, chunks, opt, rank_state={"rank": dist.get_rank()})
+    straight = _steps(chunks, opt, 2, 2, model_cfg.vocab_size, 2)
+    chunks, opt, _, _, _ = _build(layout={"tp": 2}, seed=99)
+    ckpt.load_checkpoint(root / "plain", chunks, opt)
+    resumed = _steps(chunks, opt, 2, 2, model_cfg.vocab_size, 1)
+    out = dict(straight=straight, resumed=resumed, rank_state=ckpt.load_rank_state(root / "plain"))
+    other, _, _, _, _ = _build(layout={"tp": 2}, ttt={"layers": [1]}, optimizer=False)
+    out["error"] = _error(lambda: ckpt.load_checkpoint(root / "plain", other))
+    chunks, opt, _, _, _ = _build(distributed_optimizer=True)
+    _steps(chunks, opt, 0, 1, model_cfg.vocab_size, 2)
+    ckpt.save_checkpoint(root / "distributed", 1, chunks, opt)
+    out["distributed"] = _error(lambda: ckpt.load_checkpoint(root / "distributed", chunks, opt))
+    return out
 
 
 # ----------------------------------------------------------------------------- tests
@@ -239,9 +278,12 @@ def test_latest_refuses_incomplete_folders_precisely(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_rank_state_and_mismatch_fail_alike(tmp_path):
+def test_two_ranks_resume_at_another_layout_rank_states_and_refusals(tmp_path):
     per_rank = run_local_ranks(two_rank_checks, 2, str(tmp_path), timeout=300)
+    result = per_rank[0]
+    assert result["resumed"] == pytest.approx(result["straight"], rel=1e-5)  # DP=2 -> TP=2, optimizer included
     assert [r["rank_state"] for r in per_rank] == [{"rank": 0}, {"rank": 1}]
     assert per_rank[0]["error"] == per_rank[1]["error"]
-    assert "decoder.layers.2.mlp.linear_fc1.weight" in per_rank[0]["error"]  # unexpected (3 layers vs 2)
-    assert "decoder.layers.1.mlp.ttt_target.conv.weight" in per_rank[0]["error"]  # missing: TTT layer 1
+    assert "checkpoint tensors the model lacks: decoder.layers.1.mlp.ttt_target" not in result["error"]
+    assert "model tensors the checkpoint lacks: decoder.layers.1.mlp.ttt_target.conv.weight" in result["error"]
+    assert "NotImplementedError" in result["distributed"] and "optimizer=None" in result["distributed"]

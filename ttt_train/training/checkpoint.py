@@ -21,11 +21,13 @@ the tokenizer / data fingerprints. Loading works at any other TP/PP/DP layout (d
 reshards), refuses missing, unexpected and mis-shaped tensors by name, and with `expect_manifest`
 refuses a checkpoint of another model or TTT configuration.
 
-Optimizer state: the plain optimizer resumes bit-exactly. The distributed optimizer is saved in
-megatron's `fully_sharded_model_space` format (one flattened slice of each parameter's state per
-rank; reshardable across TP/PP/DP, unlike `dp_reshardable`). On a CPU (gloo) megatron-core 0.16.1's
-distributed-optimizer resume is known to be broken (the Adam `step` is not restored: see
-shared/notes/megatron_cpu.md); use the plain optimizer there.
+Optimizer state: the plain optimizer resumes bit-exactly on the same layout and loads at another
+TP/PP/DP layout. The distributed optimizer is saved in megatron's `fully_reshardable` format
+(gathered per parameter on DP rank 0 at save time; loadable at any TP/PP/DP layout, unlike
+`dp_reshardable`; 0.16.1's `fully_sharded_model_space` fails at save with "flattened_range is not
+supported"). Without Apex or transformer-engine (torch's Adam, e.g. on a CPU) megatron-core 0.16.1
+cannot load distributed-optimizer state (see `_refuse_unsupported_resume` and
+shared/notes/megatron_cpu.md): use the plain optimizer there.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ LATEST = "latest"
 META = "ttt_meta.json"
 RANK_STATES = "rank_states"
 FORMAT = 2
-DISTRIB_OPTIM_SHARDING = "fully_sharded_model_space"
+DISTRIB_OPTIM_SHARDING = "fully_reshardable"
 _SHARDS = ("metadata.json", ".metadata", "common.pt")  # what dist_checkpointing (torch_dist) writes
 # Configuration keys that do not change what the tensors mean: a label.
 _MANIFEST_IGNORED = {"model": {"name"}}
@@ -180,6 +182,21 @@ def _sharded_model_state(model_chunks) -> dict:
 def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
     return optimizer.sharded_state_dict(dict(model_state), is_loading=is_loading,
                                         metadata={"distrib_optim_sharding_type": DISTRIB_OPTIM_SHARDING})
+
+
+def _refuse_unsupported_resume(optimizer, path: Path) -> None:
+    """megatron-core 0.16.1 cannot load distributed-optimizer state over torch's own Adam (no Apex /
+    transformer-engine, e.g. on a CPU): its `state_dict` asserts a per-parameter `step` that a fresh
+    optimizer lacks, and its loader then copies a `step` the checkpoint does not hold. Say so."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not distrib_optimizer.HAVE_APEX_OR_TE and any(isinstance(sub, distrib_optimizer.DistributedOptimizer)
+                                                     for sub in subs):
+        raise NotImplementedError(
+            f"checkpoint {path}: megatron-core 0.16.1 cannot resume the distributed optimizer without Apex or "
+            f"transformer-engine (torch's Adam, e.g. on a CPU); use the plain optimizer here, or load weights only "
+            f"(optimizer=None)")
 
 
 def _global_shapes(sharded_state: dict) -> dict[str, tuple | None]:
@@ -448,6 +465,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None, *, st
         raise ValueError(f"checkpoint {path} does not fit the model ({'; '.join(parts)}); compare the model / "
                          f"TTT configuration with the checkpoint's manifest, or load with strict=False")
     if optimizer is not None:
+        _refuse_unsupported_resume(optimizer, path)
         state["optimizer"] = _optimizer_state(optimizer, state, is_loading=True)
         opt_missing, opt_unexpected, opt_misshaped = _mismatches(
             _global_shapes({"optimizer": state["optimizer"]}),
