@@ -57,8 +57,8 @@ def _micro_batches(batch: dict, micro: int):
 
 
 def full_grads(chunk, config) -> dict[str, torch.Tensor]:
-    """This pipeline stage's parameter gradients (DDP `main_grad`), gathered over tensor parallelism,
-    keyed by layout-independent names (global layer numbers)."""
+    """This pipeline stage's parameter gradients (DDP `main_grad`, as float32), gathered over tensor
+    parallelism, keyed by layout-independent names (global layer numbers; no bf16 wrapper prefix)."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -67,7 +67,7 @@ def full_grads(chunk, config) -> dict[str, torch.Tensor]:
     tp = dist.get_world_size(tp_group)
     grads = {}
     for name, param in chunk.module.named_parameters():
-        grad = param.main_grad.detach().clone()
+        grad = param.main_grad.detach().clone().float()
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(grad) for _ in range(tp)]
             dist.all_gather(parts, grad.contiguous(), group=tp_group)
@@ -77,8 +77,17 @@ def full_grads(chunk, config) -> dict[str, torch.Tensor]:
             else:
                 grad = torch.cat(parts, dim=param.partition_dim)
         name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + offset}.", name)
+        name = name.removeprefix("module.")  # Float16Module (bf16)
         grads[name] = grad
     return grads
+
+
+def ttt_layer_stats(model) -> dict[int, dict[str, float]]:
+    """`TTTMLP.ttt_stats()` of this rank's TTT layers after the last forward, by global layer index."""
+    from ttt_train.layers.ttt_mlp import TTTMLP
+
+    return {m.layer_number - 1: {k: v.item() for k, v in m.ttt_stats().items()}
+            for m in model.modules() if isinstance(m, TTTMLP)}
 
 
 def _logits(model, batch: dict) -> torch.Tensor | None:
@@ -97,6 +106,9 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
                      ttt: dict | None = None, with_docs: bool = False) -> list[dict]:
     """For each layout: loss, logits (pp == 1 only) and full gradients of one global batch.
 
+    A layout holds `ParallelConfig` keys, and optionally `dtype` ("fp32" or "bf16") and `recompute`
+    (None, "selective" or "full") for `to_transformer_config`.
+
     Returns (on every rank) a list with one dict per layout; entries that a rank does not hold are
     None/empty, and the caller merges ranks. The first layout saves the weights the others load
     (with TTT, after giving the targets non-zero convolutions).
@@ -109,9 +121,11 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
     ttt_cfg = TTTConfig.from_dict(ttt) if ttt is not None else None
     results = []
     for i, layout in enumerate(layouts):
-        parallel = ParallelConfig(**layout)
+        options = dict(layout)
+        precision = dict(dtype=options.pop("dtype", "fp32"), recompute=options.pop("recompute", None))
+        parallel = ParallelConfig(**options)
         dp = initialize(parallel)
-        config = to_transformer_config(model_cfg, parallel)
+        config = to_transformer_config(model_cfg, parallel, **precision)
         chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
         if i == 0:
             randomize_ttt_targets(chunks[0].module, seed)
@@ -125,19 +139,21 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
         loss = run_step(chunks, _micro_batches(local, micro_batch), num_microbatches=global_batch // dp // micro_batch,
                         micro_batch_size=micro_batch, seq_length=seq // parallel.cp)["loss"]
         grads = full_grads(chunks[0], config)
+        stats = ttt_layer_stats(chunks[0])  # of the last micro-batch (before the logits' forward)
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         logits = None
         if parallel.pp == 1 and parallel.cp == 1:
             logits = _logits(chunks[0].module, {k: v[:micro_batch] for k, v in batch.items()})
         results.append(dict(layout=layout, loss=loss, grads=grads if keep else {},
-                            logits=logits if keep else None))
+                            logits=logits if keep else None, ttt_stats=stats))
         del chunks
     return results
 
 
 def merge_ranks(per_rank: list[list[dict]], layouts: list[dict]) -> list[dict]:
     """Combine what each rank returned from `equivalence_case` into one result per layout:
-    the loss (from a last pipeline stage), all gradients, and logits where a rank had them."""
+    the loss (from a last pipeline stage), all gradients, logits where a rank had them, and every
+    rank's TTT statistics (`ttt_stats`: a list by rank of {global layer: stats})."""
     merged = []
     for i, layout in enumerate(layouts):
         grads = {}
@@ -145,8 +161,14 @@ def merge_ranks(per_rank: list[list[dict]], layouts: list[dict]) -> list[dict]:
             grads.update(rank[i]["grads"])
         losses = [r[i]["loss"] for r in per_rank if r[i]["loss"] is not None]
         logits = next((r[i]["logits"] for r in per_rank if r[i]["logits"] is not None), None)
-        merged.append(dict(layout=layout, loss=losses[0], grads=grads, logits=logits))
+        merged.append(dict(layout=layout, loss=losses[0], grads=grads, logits=logits,
+                           ttt_stats=[r[i]["ttt_stats"] for r in per_rank]))
     return merged
+
+
+def clipped_fractions(ttt_stats: list[dict]) -> list[float]:
+    """Every rank's and TTT layer's `clipped_fraction` from merged `ttt_stats`."""
+    return [stats["clipped_fraction"] for rank in ttt_stats for stats in rank.values()]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -200,7 +222,7 @@ def doc_layouts_case(layouts: list[dict], ckpt_dir: str, starts: list[list[list[
                             num_microbatches=global_batch // dp // micro_batch, micro_batch_size=micro_batch,
                             seq_length=seq // parallel.cp)["loss"]
             grads = full_grads(chunks[0], config)  # collective over TP: every rank gathers
-            per_docs.append(dict(loss=loss, grads=grads if keep else {}))
+            per_docs.append(dict(loss=loss, grads=grads if keep else {}, ttt_stats=ttt_layer_stats(chunks[0])))
         results.append(per_docs)
         del chunks
     return results

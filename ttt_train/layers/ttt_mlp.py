@@ -87,6 +87,7 @@ class TTTMLP(MLP):
         self.target_source = None
         self.layer_number = None
         self.scan_bytes_per_step = 0  # bytes this rank sent in the last context-parallel scan (fwd + bwd)
+        self._last_stats = None  # raw statistics of the last forward, see ttt_stats()
         with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
             self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
                                                 init_std=config.init_method_std, dtype=config.params_dtype,
@@ -148,14 +149,51 @@ class TTTMLP(MLP):
             out = tensor_parallel.reduce_from_tensor_model_parallel_region(out)
         return out, None
 
+    def ttt_stats(self) -> dict[str, torch.Tensor]:
+        """Statistics of the last forward (the last micro-batch), detached float32 0-dim tensors.
+
+        - `update_norm_mean`, `update_norm_max`: `||lr V_i^T Z_i||_F` before clipping, of the whole
+          matrix (over TP), over the (chunk, last document) updates this rank computed;
+        - `clipped_fraction`: the fraction of those updates that were clipped (0 without clipping);
+        - `fast_weight_rel_change`: mean over rows of `||W_end - W_down||_F / ||W_down||_F`, with
+          `W_end` the fast weight the last chunk (of this rank's last shard under CP, prefix
+          included) applies to its first document;
+        - `target_norm`: mean L2 norm of the target rows `v_t`.
+        Identical on the ranks of a TP group; under CP each rank reports its own shards. Reading
+        them costs no collective (the TP sums happened in the forward); `.item()` syncs the host.
+        """
+        if self._last_stats is None:
+            raise RuntimeError(f"TTT layer {self.layer_number}: ttt_stats() before any forward")
+        norms, clipped, sq, target_norm = self._last_stats
+        count = max(norms.numel(), 1)
+        return {"update_norm_mean": (norms.sum() / count).float(),
+                "update_norm_max": torch.cat([norms, norms.new_zeros(1)]).max().float(),
+                "clipped_fraction": (clipped.sum() / count).float(),
+                "fast_weight_rel_change": (sq[:-1].sqrt() / sq[-1].sqrt().clamp_min(1e-30)).mean().float(),
+                "target_norm": target_norm.float()}
+
+    @torch.no_grad()
+    def _record_stats(self, norms, clipped, delta, v, norm_group) -> None:
+        """Keep what `ttt_stats` needs: squared norms of each row's state change `delta` `[B, d, h/tp]`
+        and of W_down, summed over TP (one small all-reduce, entered by every TP rank)."""
+        weight = self.linear_fc2.weight.detach()
+        sq = torch.cat([delta.square().sum((1, 2)), weight.float().square().sum().reshape(1).to(delta.dtype)])
+        if norm_group is not None:
+            torch.distributed.all_reduce(sq, group=norm_group)
+        self._last_stats = (norms, clipped, sq, v.detach().float().norm(dim=-1).mean())
+
     def _ttt_down_projection(self, z, v, doc_ids, norm_group):
         """z `[b, S, h/tp]`, v `[b, S, d]` -> this rank's partial output `[b, S, d]`."""
         kwargs = dict(chunk_size=self.ttt.chunk_size, lr=self.ttt_lr, max_update_norm=self.ttt.max_update_norm,
-                      norm_group=norm_group)
+                      norm_group=norm_group, return_stats=True)
         cp_group = ps.get_context_parallel_group()
-        if cp_group.size() == 1:
-            return inplace_ttt(z, v.to(z.dtype), self.linear_fc2.weight, doc_ids=doc_ids, **kwargs)
-        return self._context_parallel_ttt(z, v.to(z.dtype), doc_ids, cp_group, kwargs)
+        if cp_group.size() > 1:
+            return self._context_parallel_ttt(z, v.to(z.dtype), doc_ids, cp_group, kwargs)
+        weight = self.linear_fc2.weight
+        out, stats = inplace_ttt(z, v.to(z.dtype), weight, doc_ids=doc_ids, **kwargs)
+        delta = stats.last_state - weight.detach().to(stats.last_state.dtype)
+        self._record_stats(stats.update_norms, stats.clipped, delta, v, norm_group)
+        return out
 
     def _context_parallel_ttt(self, z, v, doc_ids, cp_group, kwargs):
         """In-Place TTT on this rank's two load-balanced shards (METHOD.md section 6).
@@ -176,9 +214,12 @@ class TTTMLP(MLP):
         shards = (slice(0, seq // 2), slice(seq // 2, seq))
         weight = self.linear_fc2.weight
 
+        stats = []
+
         def run(shard):
-            out, final = inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
-                                     output_final_state=True, **kwargs)
+            out, final, shard_stats = inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
+                                                  output_final_state=True, **kwargs)
+            stats.append(shard_stats)
             return out, final - weight.to(final.dtype)
 
         out_first, sum_first = run(shards[0])
@@ -200,4 +241,10 @@ class TTTMLP(MLP):
             # collective, so its output must reach every rank's graph whatever the documents are.
             correction = torch.bmm(z[:, shard].to(prefix_sums.dtype), prefix_sums[i].transpose(1, 2))
             outputs.append(out + (continues.unsqueeze(-1) * correction).to(out.dtype))
+        # the state the second shard's last chunk reads (`continues` is the second shard's now)
+        last = stats[1].last_state
+        gate = continues[:, (seq // 2 - 1) // self.ttt.chunk_size * self.ttt.chunk_size].to(last.dtype)
+        delta = last - weight.detach().to(last.dtype) + gate[:, None, None] * prefix_sums[1].detach()
+        self._record_stats(torch.cat([s.update_norms for s in stats]), torch.cat([s.clipped for s in stats]), delta,
+                           v, kwargs["norm_group"])
         return torch.cat(outputs, dim=1)
