@@ -1,0 +1,70 @@
+"""lm-evaluation-harness runs an exported In-Place TTT directory offline (`--model hf` with
+trust_remote_code) on a local multiple-choice task, and its loglikelihoods are the model's own."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+lm_eval = pytest.importorskip("lm_eval")
+
+DOCS = [
+    {"question": "The sky is", "choices": [" blue.", " made of cheese.", " green"], "answer": 0},
+    {"question": "Two plus two equals", "choices": [" four", " five hundred and six"], "answer": 0},
+    {"question": "Water freezes at zero degrees", "choices": [" Celsius.", " Kelvin."], "answer": 0},
+]
+
+TASK_YAML = """\
+task: ttt_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def own_loglikelihood(model, context: str, continuation: str) -> float:
+    """sum log p(continuation | context) with the byte tokenizer (token ids are the UTF-8 bytes)."""
+    ctx, cont = list(context.encode()), list(continuation.encode())
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return sum(logprobs[len(ctx) - 1 + i, tok].item() for i, tok in enumerate(cont))
+
+
+def test_local_task_loglikelihoods_equal_the_models(tmp_path, ttt_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "ttt_local_mc.yaml").write_text(TASK_YAML.format(data=data, cache=tmp_path / "cache"))
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    results = simple_evaluate(
+        model="hf", model_args=f"pretrained={ttt_dir},trust_remote_code=True,dtype=float32", tasks=["ttt_local_mc"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=2, device="cpu", log_samples=True,
+    )
+    samples = results["samples"]["ttt_local_mc"]
+    assert len(samples) == len(DOCS) and "acc,none" in results["results"]["ttt_local_mc"]
+    model = AutoModelForCausalLM.from_pretrained(ttt_dir, trust_remote_code=True).eval()
+    assert type(model).__name__ == "InPlaceTTTQwen3ForCausalLM"
+    checked = 0
+    for sample in samples:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+            assert float(resp[0][0]) == pytest.approx(own_loglikelihood(model, context, continuation), abs=1e-4)
+            checked += 1
+    assert checked == sum(len(d["choices"]) for d in DOCS)
