@@ -1,7 +1,9 @@
 """Export of In-Place TTT models: after the TTT parameters moved away from their initialisation, the
 exported folder under `AutoModelForCausalLM(..., trust_remote_code=True)` gives the ttt-train model's
 logits (both target sources, with and without clipping, prompts of 5 and 19 tokens for chunk 8:
-not multiples of the chunk); without `trust_remote_code` transformers refuses the folder.
+not multiples of the chunk); without `trust_remote_code` transformers refuses the folder. Such a
+folder rewritten as the official release writes it (base architecture + `ttt_*` keys, a listed layer
+the model lacks) imports with its TTT weights in ttt-train's orientation (the logits check says so).
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ def _export_ttt_models(hf_dir, root, cases: dict) -> dict:
     return diffs
 
 
+def _as_official_release(folder) -> None:
+    """Rewrite an export's config.json as the official release writes it: the base architecture with
+    its six `ttt_*` keys (no conv size, no clip), listing a layer (7) the 3-layer model lacks."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("auto_map", "ttt_conv_size", "ttt_max_update_norm"):
+        cfg.pop(key)
+    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], ttt_layers=cfg["ttt_layers"] + [7])
+    path.write_text(json.dumps(cfg))
+
+
+def _import_official(hf_dir, out):
+    """Rank function: import with the TTT config taken from the folder, verified against the
+    project's HF modeling code run on the same folder; return the manifest's TTT config."""
+    from ttt_train.models.hf import import_hf
+    from ttt_train.training.checkpoint import read_checkpoint_info
+
+    import_hf(hf_dir, out, verify=True, tolerance=1e-4, progress=False)
+    return read_checkpoint_info(out)["manifest"]["ttt"]
+
+
 def test_ttt_export_runs_in_place_ttt_under_transformers(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -70,3 +93,8 @@ def test_ttt_export_runs_in_place_ttt_under_transformers(tmp_path):
     assert AutoConfig.from_pretrained(out, trust_remote_code=True).model_type == "inplace_ttt_qwen3"
     with pytest.raises(ValueError):
         AutoModelForCausalLM.from_pretrained(out)
+
+    official = tmp_path / "hidden_states" / "hf"
+    _as_official_release(official)
+    (ttt,) = run_local_ranks(_import_official, 1, str(official), str(tmp_path / "official_ckpt"))
+    assert ttt["layers"] == [0, 2] and ttt["chunk_size"] == 8 and ttt["target"] == "hidden_states"

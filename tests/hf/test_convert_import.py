@@ -215,3 +215,18 @@ def test_cli_import_then_export(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     args = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
     assert run_local_ranks(main, 1, args) == [1]  # the folder exists
+
+
+def test_byte_tokenizer_exports_for_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ttt_train.data.tokenizer import load_tokenizer
+    from ttt_train.models.hf.exporter import write_tokenizer
+
+    ids = write_tokenizer("byte", tmp_path)
+    ours = load_tokenizer("byte")
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    text = "In-Place TTT: ünïcode ✓"
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert hf.decode(ours.encode(text)) == text
+    assert ids == {"eos_token_id": ours.eod_id, "pad_token_id": ours.pad_id} and hf.eos_token_id == ours.eod_id

@@ -1,0 +1,94 @@
+"""Peak memory and time of `convert import` and `convert export` on a random ~0.5B Qwen3 model.
+
+    python -m ttt_train.models.hf.bench_convert [dir=/tmp/bench_convert] [preset=qwen3_0.6b] [verify=false]
+
+Saves a random transformers model of the preset's shape (float32 safetensors), then runs the two
+commands as child processes, sampling the resident memory of each child's process tree
+(psutil). Prints one JSON object: checkpoint bytes, and per command the wall time, the peak RSS,
+the RSS of a bare `import megatron, transformers` process (the floor), and
+`(peak - floor) / checkpoint bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of a process and its children."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_measured(args: list[str]) -> dict:
+    """Run `args`; return wall seconds and the peak RSS of its process tree (sampled every 20 ms)."""
+    start = time.perf_counter()
+    child = subprocess.Popen(args)
+    proc, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, tree_rss(proc))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    if child.returncode:
+        raise RuntimeError(f"{' '.join(args)} exited with {child.returncode}")
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak}
+
+
+def make_random_model(folder: Path, preset: str) -> int:
+    """Save a random Qwen3 model of `preset`'s shape; return its safetensors bytes."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from ttt_train.models import load_model_config
+    from ttt_train.models.hf.exporter import hf_config
+
+    model_cfg = load_model_config(preset)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(hf_config(model_cfg, None))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, model_cfg.init_std)
+    model.save_pretrained(folder)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from omegaconf import OmegaConf
+
+    opts = OmegaConf.merge(OmegaConf.create({"dir": "/tmp/bench_convert", "preset": "qwen3_0.6b", "verify": False}),
+                           OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
+    root = Path(opts.dir)
+    hf_dir, ckpt, out = root / "hf", root / "ckpt", root / "export"
+    for path in (hf_dir, ckpt, out):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; give an empty dir=")
+    size = make_random_model(hf_dir, opts.preset)
+    python = [sys.executable]
+    floor = run_measured(python + ["-c", "import megatron.core.models.gpt.gpt_model, transformers, time; time.sleep(1)"])
+    verify = [] if opts.verify else ["--no-verify"]
+    result = {"preset": opts.preset, "checkpoint_bytes": size, "floor_rss_bytes": floor["peak_rss_bytes"]}
+    for name, args in (("import", ["import", "--hf", str(hf_dir), "--out", str(ckpt), "--no-progress"]),
+                       ("export", ["export", "--checkpoint", str(ckpt), "--out", str(out)])):
+        stats = run_measured(python + ["-m", "ttt_train.convert", *args, *verify])
+        stats["peak_over_floor_per_checkpoint"] = round((stats["peak_rss_bytes"] - floor["peak_rss_bytes"]) / size, 2)
+        result[name] = stats
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
