@@ -145,10 +145,10 @@ def test_cache_in_pieces_equals_full_forward():
     assert cache.ttt_pending == [23 % CHUNK] * 2
 
 
-def greedy_check(model, ids, mask=None, new=13):
+def greedy_check(model, ids, mask=None, new=13, **gen):
     """Generate greedily; every step's logits equal the full forward's (hence the argmax too)."""
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, min_new_tokens=new,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **gen)
     seq, steps = out.sequences, torch.stack(out.logits, 1)
     full_mask = None if mask is None else torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], 1)
     pos = None if mask is None else (full_mask.cumsum(1) - 1).clamp_min(0)
@@ -159,11 +159,20 @@ def greedy_check(model, ids, mask=None, new=13):
     return seq[:, ids.shape[1]:], steps
 
 
-@pytest.mark.parametrize("prompt", [5, 10])
-def test_generate_equals_full_forward_argmax(prompt):
-    """13 new tokens after a 5- or 10-token prompt cross >= 3 chunk boundaries (10: multi-chunk prefill)."""
+@pytest.mark.parametrize("prompt,prefill", [(5, None), (10, None), (10, 3)])
+def test_generate_equals_full_forward_argmax(prompt, prefill):
+    """13 new tokens after a 5- or 10-token prompt cross >= 3 chunk boundaries (10: multi-chunk prefill,
+    in one forward or in pieces of 3 tokens with transformers' ``prefill_chunk_size``)."""
     model = ttt_model(family="llama" if prompt == 10 else "qwen3", ttt_target="input_embed")
-    greedy_check(model, torch.randint(1, SHAPE["vocab_size"], (1, prompt)))  # 0 is padding
+    greedy_check(model, torch.randint(1, SHAPE["vocab_size"], (1, prompt)), prefill_chunk_size=prefill)  # 0: pad
+
+
+def test_beam_search_with_cache_equals_without():
+    """Beam search reorders the TTT state with the keys and values (no cache: full forwards every step)."""
+    model = ttt_model(ttt_max_update_norm=2.0)
+    ids = torch.randint(1, SHAPE["vocab_size"], (2, 6))
+    kw = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, num_beams=3, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
 
 
 def test_left_padded_batch_equals_rows_alone():

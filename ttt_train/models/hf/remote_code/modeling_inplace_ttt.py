@@ -166,12 +166,10 @@ class InPlaceTTTMLP(nn.Module):
         self.step: TTTStep | None = None
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
-        """``V = conv_k(x) @ ttt_proj.weight`` per chunk: x ``[R, n*C, d]`` (state dtype) -> same shape."""
-        R, T, d = x.shape
-        C = self.step.C
+        """``V = conv_k(x) @ ttt_proj.weight`` of one chunk per row, zero padded at its edges:
+        x ``[R, C, d]`` (state dtype) -> ``[R, C, d]``."""
         w = self.ttt_conv.weight.to(x.dtype)
-        xc = x.reshape(R * (T // C), C, d).transpose(1, 2)
-        v = F.conv1d(xc, w, padding=w.shape[-1] // 2, groups=d).transpose(1, 2).reshape(R, T, d)
+        v = F.conv1d(x.transpose(1, 2), w, padding=w.shape[-1] // 2, groups=x.shape[-1]).transpose(1, 2)
         return v @ self.ttt_proj.weight.to(x.dtype) if self.ttt_proj is not None else v
 
     def update(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +232,8 @@ class InPlaceTTTMLP(nn.Module):
         if st is not None:
             zc[:, :C], xc[:, :C] = st["z"][:, :C], st["x"][:, :C]
         idx = step.pos.unsqueeze(-1)
-        zc = zc.scatter(1, idx.expand(-1, -1, h), z.to(sdt))
-        xc = xc.scatter(1, idx.expand(-1, -1, d), src.to(sdt))
+        zc.scatter_(1, idx.expand(-1, -1, h), z.to(sdt))
+        xc.scatter_(1, idx.expand(-1, -1, d), src.to(sdt))
         state = st["delta"] if st is not None else None
         outs = []
         for c in range(n):
