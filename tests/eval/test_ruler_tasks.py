@@ -11,7 +11,7 @@ from ttt_train.eval.haystack import make_haystack, noise_haystack
 from ttt_train.eval.ruler import TASKS, largest_fitting, make_sample
 
 TASK_OPTIONS = {"niah": {"num_keys": 3, "num_values": 3, "num_queries": 2}, "vt": {"num_chains": 2, "num_hops": 3},
-                "cwe": {"num_common": 5, "freq_common": 6, "freq_uncommon": 2}, "fwe": {"alpha": 2.0}}
+                "cwe": {"num_common": 5, "freq_common": 6, "freq_uncommon": 2}, "fwe": {"alpha": 2.0}, "passkey": {}}
 
 
 def count_bytes(text):  # the byte tokenizer's count: one token per UTF-8 byte
@@ -31,6 +31,8 @@ def parse_answer(task, prompt):
         query = re.search(r"What are all the special magic numbers for (.+?) mentioned", prompt).group(1)
         keys = re.split(r", and |, ", query)
         return {v for k, v in needles if k in keys}
+    if task == "passkey":
+        return set(re.findall(r"The pass key is (\d+)\. Remember it\.", prompt))
     if task == "vt":
         value = re.search(r"assigned the value (\d+) in the text above", prompt).group(1)
         held = dict(re.findall(r"VAR (\w+) = (\d+)\.", prompt))
@@ -56,10 +58,10 @@ def test_generator_is_deterministic_and_parsable(task):
     for s in (first, sample(task, seed=7, index=3)):
         assert parse_answer(task, s.prompt) == set(s.references)
         assert len(s.references) == {"niah_single": 1, "niah_multikey": 1, "niah_multivalue": 3, "niah_multiquery": 2,
-                                     "vt": 4, "cwe": 5, "fwe": 3}[task]
+                                     "vt": 4, "cwe": 5, "fwe": 3, "passkey": 1}[task]
         # fills the length: prompt + new tokens within it, short of it by less than one haystack unit
         assert 2900 < s.prompt_tokens + 50 <= 3000 and s.prompt_tokens == count_bytes(s.prompt)
-        assert s.prompt.endswith(":") or s.prompt.endswith("are") or s.prompt.endswith(": ")
+        assert s.prompt.endswith((":", "are", ": ", "The pass key is"))
 
 
 def test_haystack_tasks_hide_the_needles_in_noise():

@@ -11,6 +11,8 @@ Tasks (RULER's defaults in brackets, all options in configs/eval/suite/ruler.yam
 - cwe: common-words extraction from a numbered list: [10] words appear [30] times, the others [3].
 - fwe: frequent-words extraction: coded words drawn from a Zipf law [alpha 2]; the three most
   frequent are asked for.
+- passkey: the training data's passkey task (ttt_train.data.synthetic, as data_tools.synthetic
+  writes it): a 5-digit key at a random depth in its own filler, asked for in the same words.
 Keys and common words are pronounceable pseudo-words (no word list is downloaded); values are
 7-digit (niah) or 5-digit (vt) numbers. A sample of length L has prompt tokens + max_new_tokens <= L
 with as much haystack (or list) as fits, as RULER builds them; cwe halves its common-word frequency
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from ttt_train.data.synthetic import TASKS as TRAINING_TASKS
 from ttt_train.eval.haystack import Haystack
 
 _CONSONANTS = "bcdfghjklmnprstvz"
@@ -181,6 +184,14 @@ def frequent_words(rng, n: int, haystack: Haystack, *, alpha: float = 2.0, vocab
     return Prompt(body, prefix, [vocab[r] for r in top])
 
 
+def passkey(rng, n: int, haystack: Haystack) -> Prompt:
+    """The training data's passkey record with n filler sentences (its own filler: `haystack` is not
+    used), prompted as training wrote it: "...\nWhat is the pass key? The pass key is"."""
+    context, query, key = TRAINING_TASKS["passkey"][0](int(rng.integers(2**31)), n)
+    question, _, prefix = query.partition("? ")
+    return Prompt(f"{context}\n{question}?", f" {prefix}", [key])
+
+
 def _niah_variant(**fixed) -> Callable[..., Prompt]:
     def build(rng, n, haystack, *, num_keys=4, num_values=4, num_queries=4):
         counts = {"num_keys": num_keys, "num_values": num_values, "num_queries": num_queries}
@@ -204,6 +215,7 @@ TASKS: dict[str, tuple[Callable[..., Prompt], str]] = {
     "vt": (variable_tracking, "vt"),
     "cwe": (common_words, "cwe"),
     "fwe": (frequent_words, "fwe"),
+    "passkey": (passkey, "passkey"),
 }
 
 
