@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ttt_train.training.config import ConfigError, compose
 from ttt_train.training.curriculum import Stage, resolve, resume_point
-from ttt_train.training.preemption import EXIT_PREEMPTED
+from ttt_train.training.preemption import EXIT_PREEMPTED, StopFlags
 
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
@@ -100,8 +100,9 @@ def _wandb_id(stages: list[Stage], start: int, resume: Path | None) -> str | Non
     return read_checkpoint_info(source)["metadata"].get("wandb_id") if source is not None else None
 
 
-def run(cfg, stages: list[Stage]) -> int:
-    """Train every stage not yet finished (collective); return the exit code."""
+def run(cfg, stages: list[Stage], flags) -> int:
+    """Train every stage not yet finished (collective); return the exit code. `flags`: the StopFlags
+    installed as early as possible (a signal during set-up then stops the run at its first step)."""
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
@@ -111,7 +112,6 @@ def run(cfg, stages: list[Stage]) -> int:
     from ttt_train.training.metrics import MetricsWriter, new_wandb_id
     from ttt_train.training.numerics import NonFiniteError
     from ttt_train.training.plan import flops_per_token
-    from ttt_train.training.preemption import StopFlags
     from ttt_train.training.stage_setup import build, load_start
 
     init_process_group()
@@ -130,7 +130,6 @@ def run(cfg, stages: list[Stage]) -> int:
     wandb_id = _broadcast(wandb_id or (new_wandb_id() if rank == 0 else None))
     writer = MetricsWriter(run_dir, cfg.logging.wandb, cfg.run.name, OmegaConf.to_container(cfg, resolve=True),
                            wandb_id, enabled=rank == 0)
-    flags = StopFlags(list(cfg.run.signals), cfg.run.exit_after_minutes, cfg.checkpoint.every_minutes)
     flags.shield_checkpoint_writer()
     code, state = 0, "finished"
     try:
@@ -160,7 +159,6 @@ def run(cfg, stages: list[Stage]) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
     finally:
         writer.close()
-        flags.restore()
     if rank == 0:
         _write_status(run_dir, state=state, exit_code=code)
     return code
@@ -191,7 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.run.dry_run:
         print_plan(cfg, stages, world)
         return 0
-    return run(cfg, stages)
+    try:
+        flags = StopFlags(list(cfg.run.signals), cfg.run.exit_after_minutes, cfg.checkpoint.every_minutes)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        return run(cfg, stages, flags)
+    finally:
+        flags.restore()
 
 
 if __name__ == "__main__":

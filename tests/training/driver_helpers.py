@@ -74,12 +74,13 @@ def run_to_end(overrides: list[str], nproc: int = 2, timeout: float = 400) -> tu
 
 
 def interrupt_when(overrides: list[str], ready, sig: int, nproc: int = 2, timeout: float = 400) -> tuple[int, str]:
-    """Start the driver, wait until `ready(run_dir)` holds, send `sig` (SIGKILL: to torchrun and all
+    """Start the driver, wait until `ready(records logged by this launch)` holds, send `sig` (SIGKILL: to torchrun and all
     its workers, as a node failure; else to torchrun, as SLURM does), return (exit code, output)."""
     run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run.dir=")))
+    before = len(records(run_dir))
     proc = torchrun(overrides, nproc)
     deadline = time.monotonic() + timeout
-    while not ready(run_dir):
+    while not ready(records(run_dir)[before:]):
         if proc.poll() is not None or time.monotonic() > deadline:
             kill_tree(proc.pid)
             raise AssertionError("driver ended or timed out before the interruption point:\n"
@@ -116,5 +117,5 @@ def losses(run_dir: Path) -> dict[tuple[int, int], float]:
 
 
 def logged_step(stage: int, step: int):
-    """`ready` predicate: the run has logged `step` of `stage`."""
-    return lambda run_dir: (stage, step) in losses(run_dir)
+    """`ready` predicate: this launch has logged `step` of `stage`."""
+    return lambda new: any((r["stage"], r["step"]) == (stage, step) for r in new)

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from ttt_train.training.config import ConfigError
+
 EXIT_PREEMPTED = 75
 """Exit code of a run that saved and stopped early; rerun the same command to continue."""
 
@@ -28,7 +30,8 @@ class StopFlags:
         self.previous = {}
         for name in signal_names:
             if not hasattr(signal, name):
-                raise ValueError(f"run.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+                self.restore()
+                raise ConfigError(f"run.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
             sig = getattr(signal, name)
             self.previous[sig] = signal.signal(sig, self._handle)
 
