@@ -4,8 +4,10 @@ ttt-train checkpoints exported on the fly, their labels, and loading them for in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,23 +41,24 @@ def default_label(path: Path) -> str:
     return path.name
 
 
-def export_cached(checkpoint: Path, cache_dir: Path, label: str) -> Path:
-    """HF directory of `checkpoint` (root or iter_* folder), exported once into `cache_dir` by
-    `ttt_train.models.hf.export_checkpoint` and reused while the source iter_* folder is the same."""
+def export_cached(checkpoint: Path, cache_dir: Path) -> Path:
+    """HF directory of `checkpoint` (root or iter_* folder), exported by
+    `ttt_train.models.hf.export_checkpoint` (verified) into `cache_dir` once per iter_* folder path."""
     from ttt_train.training.checkpoint import read_checkpoint_info
 
-    info = read_checkpoint_info(checkpoint)
-    source = str(Path(info["path"]).resolve())
-    out = cache_dir / f"{label}-{Path(source).name}"
-    stamp = out / "ttt_export_source.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("checkpoint") == source:
+    source = Path(read_checkpoint_info(checkpoint)["path"]).resolve()
+    out = cache_dir / f"{default_label(checkpoint)}-{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
+    stamp = out / "ttt_export_source.json"  # written once the export is verified
+    if stamp.is_file():
         return out
+    if out.exists():  # an export whose verification failed or was interrupted
+        shutil.rmtree(out)
     from ttt_train.models.hf import export_checkpoint  # heavy (megatron): only when a checkpoint is given
 
     print(f"exporting checkpoint {source} -> {out}")
     export_checkpoint(source, out)
     tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"checkpoint": source}) + "\n")
+    tmp.write_text(json.dumps({"checkpoint": str(source)}) + "\n")
     os.replace(tmp, stamp)
     return out
 
@@ -76,7 +79,7 @@ def resolve_models(paths: list[str], labels: list[str] | None, cache_dir: str) -
         if not path.exists():
             raise FileNotFoundError(f"models: {path} does not exist")
         if is_checkpoint(path):
-            hf_dir = export_cached(path, Path(cache_dir).expanduser().absolute(), label)
+            hf_dir = export_cached(path, Path(cache_dir).expanduser().absolute())
         elif (path / "config.json").is_file():
             hf_dir = path
         else:
