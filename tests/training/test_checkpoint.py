@@ -6,6 +6,7 @@ The module-level functions without the `test_` prefix run inside local ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -275,6 +276,33 @@ def test_latest_refuses_incomplete_folders_precisely(tmp_path):
     (tmp_path / "iter_0000003" / "ttt_meta.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"\(lacks ttt_meta.json, common.pt\)"):
         read_checkpoint_info(tmp_path / "iter_0000003")
+
+
+def test_manifest_compares_what_is_expected_and_names_each_difference():
+    from ttt_train.data.tokenizer import load_tokenizer
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import load_model_config
+    from ttt_train.runtime.distributed import ParallelConfig
+    from ttt_train.training.checkpoint import build_manifest, manifest_differences
+
+    byte = load_tokenizer("byte")
+    stored = json.loads(json.dumps(build_manifest(load_model_config("tiny"), TTTConfig(every=2), ParallelConfig(tp=2),
+                                                  "bf16", byte, "data-a")))  # as read back from ttt_meta.json
+    assert stored["tokenizer"] == {"spec": "byte", "fingerprint": byte.fingerprint, "vocab_size": byte.vocab_size}
+    same = build_manifest(dataclasses.replace(load_model_config("tiny"), name="renamed"), TTTConfig(every=2), ParallelConfig(cp=4),
+                          "fp32", byte, "data-b")
+    assert manifest_differences(stored, same) == []  # layout, dtype, data and the name may change
+    other = build_manifest(load_model_config("tiny", yarn={"factor": 2.0}), TTTConfig(every=3, lr=1.0),
+                           ParallelConfig(), tokenizer={**stored["tokenizer"], "fingerprint": "x", "spec": "/tok"})
+    assert manifest_differences(stored, other) == [
+        "model.yarn: checkpoint None, expected {'factor': 2.0, 'original_max_position_embeddings': 32768, "
+        "'beta_fast': 32.0, 'beta_slow': 1.0, 'mscale': 1.0, 'mscale_all_dim': 0.0, "
+        "'correction_range_round_to_int': True}",
+        "ttt.every: checkpoint 2, expected 3", "ttt.lr: checkpoint 3.0, expected 1.0",
+        f"tokenizer: checkpoint byte (fingerprint {byte.fingerprint}), expected /tok (fingerprint x)"]
+    hand_off = {"model": {k: v for k, v in other["model"].items() if k != "yarn"}, "ttt": None}
+    assert manifest_differences(stored, hand_off) == ["ttt: checkpoint has TTT, expected none"]
+    assert manifest_differences(None, same) == ["manifest: the checkpoint has none (saved without manifest=)"]
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ RANK_STATES = "rank_states"
 FORMAT = 2
 DISTRIB_OPTIM_SHARDING = "fully_reshardable"
 _SHARDS = ("metadata.json", ".metadata", "common.pt")  # what dist_checkpointing (torch_dist) writes
+_NO_FOLDER = "the folder itself"
 # Configuration keys that do not change what the tensors mean: a label.
 _MANIFEST_IGNORED = {"model": {"name"}}
 
@@ -353,7 +354,7 @@ def _keep_newest(root: Path, keep: int, current: str) -> None:
 def _missing_parts(path: Path) -> list[str]:
     """What a complete checkpoint folder has and `path` lacks ([] when complete)."""
     if not path.is_dir():
-        return ["the folder itself"]
+        return [_NO_FOLDER]
     missing = [name for name in (META,) + _SHARDS if not (path / name).exists()]
     if META not in missing:
         meta = json.loads((path / META).read_text())
@@ -381,9 +382,13 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     missing = _missing_parts(path)
     if missing:
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete "
-                                f"(lacks {', '.join(missing)}); point {pointer} at a complete iter_* folder "
+                                f"({_describe_missing(missing)}); point {pointer} at a complete iter_* folder "
                                 f"or remove it to start afresh")
     return path
+
+
+def _describe_missing(missing: list[str]) -> str:
+    return "no such folder" if missing == [_NO_FOLDER] else f"lacks {', '.join(missing)}"
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -392,7 +397,7 @@ def _resolve(path: str | os.PathLike) -> Path:
         return latest_checkpoint(path)
     missing = _missing_parts(path)
     if missing:
-        raise FileNotFoundError(f"{path} is not a complete ttt-train checkpoint (lacks {', '.join(missing)}); "
+        raise FileNotFoundError(f"{path} is not a complete ttt-train checkpoint ({_describe_missing(missing)}); "
                                 f"give an iter_* folder or a checkpoint root holding '{LATEST}'")
     return path
 
