@@ -131,6 +131,28 @@ def test_full_forward_equals_float64_reference(family, target, tau):
         assert (got - free).abs().max() > 1e-3  # the clip is active
 
 
+def test_ttt_mlp_equals_ttt_train_op_in_release_orientation():
+    """Pins the contract's tensor orientation: ``mlp.ttt_proj.weight`` is ttt-train's ``proj.weight``
+    transposed, ``mlp.ttt_conv.weight`` is its ``conv.weight`` as is (ttt-train's own reference op)."""
+    from ttt_train.ops.inplace_ttt import inplace_ttt_reference
+    from ttt_train.ops.target import LMAlignedTarget
+
+    model = ttt_model(dtype=torch.float64, ttt_max_update_norm=0.5)
+    mlp, cfg = model.model.ttt_mlps[0], model.config
+    seen = {}
+    mlp.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    with torch.no_grad():
+        model(torch.randint(0, SHAPE["vocab_size"], (2, 11)))
+        target = LMAlignedTarget(SHAPE["hidden_size"], cfg.ttt_conv_size, dtype=torch.float64)
+        target.conv.weight.copy_(mlp.ttt_conv.weight)
+        target.proj.weight.copy_(mlp.ttt_proj.weight.T)
+        x = seen["x"]
+        z = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        want = inplace_ttt_reference(z, target(x, CHUNK), mlp.down_proj.weight, chunk_size=CHUNK, lr=cfg.ttt_lr,
+                                     max_update_norm=cfg.ttt_max_update_norm)
+    torch.testing.assert_close(seen["out"], want, rtol=0, atol=1e-12)
+
+
 def test_cache_in_pieces_equals_full_forward():
     """Prefill and decode in arbitrary pieces (within a chunk, across several, ending on a boundary)."""
     model = ttt_model(ttt_target="input_embed", ttt_max_update_norm=2.0)

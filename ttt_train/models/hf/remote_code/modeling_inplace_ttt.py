@@ -240,7 +240,7 @@ class InPlaceTTTMLP(nn.Module):
             zi = zc[:, c * C:(c + 1) * C]
             outs.append(torch.bmm(zi, state.transpose(1, 2)) if state is not None else zi.new_zeros(B, C, d))
             if step.complete_rows[c] and (c < n - 1 or st is not None):
-                u = self.update(zi, xc[:, c * C:(c + 1) * C]) * step.complete[:, c, None, None]
+                u = self.update(zi, xc[:, c * C:(c + 1) * C]).where(step.complete[:, c, None, None], 0.0)
                 state = u if state is None else state + u
         outs.append(zc.new_zeros(B, 1, d))  # the scratch slot of padding tokens
         corr = torch.cat(outs, 1).gather(1, idx.expand(-1, -1, d))
