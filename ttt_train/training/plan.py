@@ -15,8 +15,13 @@ redundantly on each tensor-parallel rank, and activation recompute (these are mo
 usual MFU numerator; full recompute adds one more forward of every layer on the hardware).
 
 Memory (`estimate_memory`) is in bytes per rank, for the pipeline stage that needs the most; the
-formulas are written next to each term. Measured against torch's memory tracker on CPU (tests):
-the activation estimate lies within [0.75, 1.35] of the measured forward+backward peak.
+formulas are written next to each term. Against torch's memory tracker on CPU (tiny models; TP 1/2,
+SP, CP 2, recompute none/selective/full, TTT on/off, micro-batch 1/4) the measured forward+backward
+peak is 0.65 to 1.2 times the estimated activations + TTT state + logits (0.56 when a CP shard holds
+a single TTT chunk, whose backward needs fewer buffers than counted); the test allows 0.6 to 1.4.
+The attention terms follow the configured backend: "te" is flash attention (the GPU path);
+"local" is megatron's unfused attention at cp 1 and GatherKVAttention (SDPA) at cp > 1, which keep
+score matrices of `[heads, s_q, s_k]` (as measured on CPU; impractical at long context).
 """
 
 from __future__ import annotations
@@ -136,9 +141,10 @@ TTT_CP_BUFFERS_PER_SEQUENCE = 10
 
 
 def _activation_terms(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: ParallelConfig, *,
-                      micro_batch: int, seq_length: int, act_bytes: int, recompute: str | None) -> dict:
+                      micro_batch: int, seq_length: int, act_bytes: int) -> dict:
     """Bytes of one micro-batch on one rank: kept for the backward pass per layer (`layer`,
-    `ttt_layer`, `checkpoint` under full recompute), TTT states per TTT layer (`state`), transient
+    `ttt_layer`; `core`: the core attention's internals, which any recompute drops; `checkpoint`:
+    a layer's input under full recompute), TTT states per TTT layer (`state`), transient
     buffers of the one layer being back-propagated (`workspace`, `ttt_workspace`), `logits`,
     `final_norm`."""
     m, tp, cp = model_cfg, parallel.tp, parallel.cp
@@ -147,7 +153,7 @@ def _activation_terms(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, paralle
     d_sp = d // tp if parallel.sequence_parallel and tp > 1 else d  # d-wide tensors between TP regions
     q, kv, h = m.num_attention_heads * hd // tp, m.num_query_groups * hd // tp, m.ffn_hidden_size // tp
     heads = m.num_attention_heads // tp
-    # the core attention's internals beyond its inputs and output (dropped by any recompute)
+    # the core attention's internals beyond its inputs and output
     scores = micro_batch * heads * (seq_length // cp) * seq_length * (a + (FP32 if a < FP32 else 0))
     if m.backend == "te":  # flash attention: the fp32 log-sum-exp per query
         core, core_workspace = t * heads * FP32, 0
@@ -160,7 +166,6 @@ def _activation_terms(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, paralle
                      + (q + 2 * kv)  # rotated q, k and v
                      + q  # attention output (output projection input)
                      + 4 * h)  # [gate; up], silu(gate), Z
-    layer += core if recompute is None else 0
     ttt_layer = layer
     if ttt_cfg is not None:
         # target over this rank's whole sequence (gathered under SP): its source copy padded for the
@@ -172,7 +177,7 @@ def _activation_terms(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, paralle
     # received prefix sums kept for the correction, under context parallelism)
     saved_states = micro_batch * state * (1 if cp == 1 else 4)
     cp_buffers = TTT_CP_BUFFERS_PER_SEQUENCE * micro_batch if cp > 1 else 0
-    return {"layer": layer, "ttt_layer": ttt_layer, "checkpoint": t * d_sp * a, "state": saved_states,
+    return {"layer": layer, "ttt_layer": ttt_layer, "core": core, "checkpoint": t * d_sp * a, "state": saved_states,
             "workspace": core_workspace + 3 * t * h * a,  # + the MLP's gradients [gate; up] and Z
             "ttt_workspace": state * (TTT_BACKWARD_BUFFERS + cp_buffers),
             "logits": t * padded_vocab(m) // tp * (FP32 + a), "final_norm": 2 * t * d_sp * a}
@@ -206,8 +211,7 @@ def estimate_memory(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel:
     if seq_length % (2 * parallel.cp if parallel.cp > 1 else 1):
         raise ValueError(f"seq_length={seq_length} must divide into 2 * parallel.cp = {2 * parallel.cp} shards")
     a = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    terms = _activation_terms(m, ttt_cfg, parallel, micro_batch=micro_batch, seq_length=seq_length,
-                              act_bytes=a, recompute=recompute)
+    terms = _activation_terms(m, ttt_cfg, parallel, micro_batch=micro_batch, seq_length=seq_length, act_bytes=a)
     ttt_all = _ttt_layers(m, ttt_cfg)
     shard = dp * parallel.cp if distributed_optimizer else 1
     pp = parallel.pp
@@ -218,13 +222,13 @@ def estimate_memory(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel:
         n_ttt = sum(i in here for i in ttt_all)
         n_plain = len(here) - n_ttt
         in_flight = pp - stage
-        if recompute == "full":
+        if recompute == "full":  # layer inputs, and one layer recomputed in full for its backward
             largest = terms["ttt_layer"] if n_ttt else terms["layer"]
-            per_micro = len(here) * terms["checkpoint"]
-            activations = in_flight * per_micro + largest
+            activations = in_flight * len(here) * terms["checkpoint"] + largest + terms["core"]
             ttt_state = terms["state"] if n_ttt else 0
         else:
-            activations = in_flight * (n_plain * terms["layer"] + n_ttt * terms["ttt_layer"])
+            core = len(here) * terms["core"] if recompute is None else 0  # selective recomputes it
+            activations = in_flight * (n_plain * terms["layer"] + n_ttt * terms["ttt_layer"] + core)
             ttt_state = in_flight * n_ttt * terms["state"]
         ttt_state += terms["ttt_workspace"] if n_ttt else 0
         last = stage == pp - 1
