@@ -8,14 +8,26 @@ import json
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassError
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, \
-    Qwen3ForCausalLM
+from huggingface_hub.errors import StrictDataclassError
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from ttt_train.models.hf.remote_code.configuration_inplace_ttt import InPlaceTTTLlamaConfig, InPlaceTTTQwen3Config
-from ttt_train.models.hf.remote_code.modeling_inplace_ttt import InPlaceTTTCache, InPlaceTTTLlamaForCausalLM, \
-    InPlaceTTTQwen3ForCausalLM
+from ttt_train.models.hf.remote_code.configuration_inplace_ttt import (
+    InPlaceTTTLlamaConfig,
+    InPlaceTTTQwen3Config,
+)
+from ttt_train.models.hf.remote_code.modeling_inplace_ttt import (
+    InPlaceTTTCache,
+    InPlaceTTTLlamaForCausalLM,
+    InPlaceTTTQwen3ForCausalLM,
+)
 from ttt_train.models.hf.remote_files import write_remote_code
 
 SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
