@@ -18,15 +18,13 @@ Lengths are swept in the configured order and a sweep stops at the first length 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ttt_train.ops.bench import _peak_extra_bytes
+from ttt_train.ops.bench import _peak_extra_bytes, _time_ms
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "bench"
 
@@ -54,11 +52,6 @@ def compose(argv: list[str]):
         return hydra_compose(config_name="bench", overrides=list(argv))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -66,18 +59,7 @@ def _is_oom(error: BaseException) -> bool:
 def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
                    repeats: int) -> dict[str, float]:
     """Median wall seconds of each callable; rounds interleave the callables."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: median / 1e3 for name, (median, _) in _time_ms(fns, device, warmup, repeats).items()}
 
 
 def _pair_record(key: str, value: int, tokens: int, seconds: dict, peaks: dict | None) -> dict:
