@@ -120,12 +120,17 @@ def _round_trip(hf_dir, ckpt, out):
 
 def test_round_trip_gives_identical_tensors_and_keeps_yarn(tmp_path):
     from safetensors import safe_open
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
+    from ttt_train.models.hf.exporter import write_tokenizer
     from ttt_train.models.hf.hf_files import SafetensorsFolder
 
     hf_dir = make_hf_model(tmp_path / "hf", tied=False, rope=YARN_ROPE)
+    write_tokenizer("byte", hf_dir)
     run_local_ranks(_round_trip, 1, str(hf_dir), str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    manifest = json.loads(next((tmp_path / "ckpt").glob("iter_*/ttt_meta.json")).read_text())["manifest"]
+    assert manifest["tokenizer"]["spec"] == str((tmp_path / "ckpt" / "tokenizer").resolve())
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("abc")["input_ids"] == [97, 98, 99]
     src, dst = SafetensorsFolder(hf_dir), SafetensorsFolder(tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded
     assert src.names() == dst.names()

@@ -4,9 +4,9 @@
 
 Saves a random transformers model of the preset's shape (float32 safetensors), then runs the two
 commands as child processes, sampling the resident memory of each child's process tree
-(psutil). Prints one JSON object: checkpoint bytes, and per command the wall time, the peak RSS,
-the RSS of a bare `import megatron, transformers` process (the floor), and
-`(peak - floor) / checkpoint bytes`.
+(psutil). Prints one JSON object: checkpoint bytes, the memory of a bare `import megatron,
+transformers` process (the floor), and per command the wall time, the peak PSS and anonymous
+memory (see `tree_memory`), and `(peak - floor) / checkpoint bytes` for both.
 """
 
 from __future__ import annotations
@@ -20,31 +20,37 @@ from pathlib import Path
 import psutil
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of a process and its children."""
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, anonymous) bytes summed over a process and its children. PSS splits pages shared between
+    processes (the checkpoint writer is forked), so the sum does not count them twice; anonymous =
+    PSS minus the file-backed resident pages (memory-mapped safetensors pages belong to the page
+    cache, which the kernel reclaims under pressure)."""
+    pss = anon = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+            info = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        pss, anon = pss + info.pss, anon + max(0, info.pss - info.shared)
+    return pss, anon
 
 
 def run_measured(args: list[str]) -> dict:
-    """Run `args`; return wall seconds and the peak RSS of its process tree (sampled every 20 ms)."""
+    """Run `args`; return wall seconds and the peak PSS / anonymous memory of its process tree
+    (sampled every 100 ms)."""
     start = time.perf_counter()
     child = subprocess.Popen(args)
-    proc, peak = psutil.Process(child.pid), 0
+    proc, peak, peak_anon = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
         try:
-            peak = max(peak, tree_rss(proc))
+            pss, anon = tree_memory(proc)
         except psutil.NoSuchProcess:
             break
-        time.sleep(0.02)
+        peak, peak_anon = max(peak, pss), max(peak_anon, anon)
+        time.sleep(0.1)
     if child.returncode:
         raise RuntimeError(f"{' '.join(args)} exited with {child.returncode}")
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak}
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_pss_bytes": peak, "peak_anon_bytes": peak_anon}
 
 
 def make_random_model(folder: Path, preset: str) -> int:
@@ -80,11 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
     python = [sys.executable]
     floor = run_measured(python + ["-c", "import megatron.core.models.gpt.gpt_model, transformers, time; time.sleep(1)"])
     verify = [] if opts.verify else ["--no-verify"]
-    result = {"preset": opts.preset, "checkpoint_bytes": size, "floor_rss_bytes": floor["peak_rss_bytes"]}
+    result = {"preset": opts.preset, "checkpoint_bytes": size, "floor": floor}
     for name, args in (("import", ["import", "--hf", str(hf_dir), "--out", str(ckpt), "--no-progress"]),
                        ("export", ["export", "--checkpoint", str(ckpt), "--out", str(out)])):
         stats = run_measured(python + ["-m", "ttt_train.convert", *args, *verify])
-        stats["peak_over_floor_per_checkpoint"] = round((stats["peak_rss_bytes"] - floor["peak_rss_bytes"]) / size, 2)
+        for kind in ("pss", "anon"):
+            extra = stats[f"peak_{kind}_bytes"] - floor[f"peak_{kind}_bytes"]
+            stats[f"{kind}_over_floor_per_checkpoint"] = round(extra / size, 2)
         result[name] = stats
     print(json.dumps(result, indent=1))
     return result

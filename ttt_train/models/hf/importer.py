@@ -112,10 +112,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, parallel: ParallelConfig |
     config = to_transformer_config(model_cfg, parallel)
     chunks = [build_gpt_model(model_cfg, config, ttt=ttt)]
     load_hf_weights(hf_dir, chunks, model_cfg, ttt, progress=progress)
-    tokenizer_dir = _broadcast(str(_write_side_files(hf_dir, out, model_cfg, ttt)) if dist.get_rank() == 0 else None)
+    tokenizer_dir = _broadcast(_write_side_files(hf_dir, out, model_cfg, ttt) if dist.get_rank() == 0 else None)
     tokenizer = None
-    if tokenizer_dir != "None":
-        tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer(str(tokenizer_dir))
     else:
         log.warning("%s has no tokenizer files; the checkpoint's manifest records none", hf_dir)
     manifest = build_manifest(model_cfg, ttt, parallel, dtype="fp32", tokenizer=tokenizer)
