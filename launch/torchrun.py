@@ -41,7 +41,7 @@ def _forward(signum: int, frame) -> None:
 def exit_code(failures: dict) -> int:
     """75 when some worker exited 75 and the others that failed exited 75 or by a signal; else 1."""
     codes = [failure.exitcode for failure in failures.values()]
-    if EXIT_PREEMPTED in codes and all(code in (EXIT_PREEMPTED,) or code < 0 for code in codes):
+    if EXIT_PREEMPTED in codes and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
         return EXIT_PREEMPTED
     return 1
 

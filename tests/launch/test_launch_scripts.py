@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_single_node_passes_overrides_and_forwards_signals():
     proc = subprocess.Popen(["bash", str(LAUNCH / "single_node.sh"), "2", *OVERRIDES], cwd=ROOT,
                             env=_env(ECHO_WAIT_SIGNAL="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
+    watchdog = threading.Timer(120, proc.kill)  # never hang on a launcher that does not start
+    watchdog.start()
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -63,6 +66,7 @@ def test_single_node_passes_overrides_and_forwards_signals():
         proc.send_signal(signal.SIGUSR1)
         out, err = proc.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         proc.kill()
     assert proc.returncode == 75, err
     assert sorted(line for line in out.splitlines() if line.startswith("got")) == ["got SIGUSR1 0", "got SIGUSR1 1"]
@@ -135,3 +139,20 @@ def test_slurm_does_not_requeue_otherwise(tmp_path, code):
     out = _run(["bash", str(LAUNCH / "slurm.sbatch"), "x=1"], _fake_slurm(tmp_path) | {"FAKE_SRUN_EXIT": str(code)})
     assert out.returncode == code, out.stderr
     assert not (tmp_path / "requeued").exists()
+
+
+@pytest.mark.parametrize("codes,expected", [
+    ([75, 75], 75),
+    ([75, -15], 75),  # torchrun stopped a slower rank after the first exit
+    ([75, 1], 1),  # a crash is a crash
+    ([-9], 1),
+    ([1, 2], 1),
+])
+def test_launcher_exit_code(codes, expected):
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("launch_torchrun", LAUNCH / "torchrun.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.exit_code({rank: SimpleNamespace(exitcode=c) for rank, c in enumerate(codes)}) == expected
