@@ -76,7 +76,8 @@ def test_ruler_scores_an_echo_model_100(tmp_path, plain_dir, monkeypatch):
     """Every reference is in the prompt: a 'model' that repeats its prompt scores 100 on every task."""
     monkeypatch.setattr(ruler_suite, "greedy_generate", lambda model, tokenizer, prompts, n: prompts)
     rows = run([f"models=[{plain_dir}]", "lengths=[700]", "samples=1", f"out={tmp_path}", *SMALL_RULER])
-    assert rows[0]["average"] == 100 and all(rows[0][t] == 100 for t in ruler_suite.TASKS)
+    tasks = config(["models=[x]"]).suite.tasks
+    assert rows[0]["average"] == 100 and all(rows[0][t] == 100 for t in tasks) and len(tasks) == 7
 
 
 def brute_force_loss(model, tokens, first_target):
@@ -129,7 +130,7 @@ def test_sliding_ppl_equals_brute_force(tmp_path, ttt_dir, dataset_prefix):
 
 @pytest.mark.parametrize("override, message", [
     (["lengths=[1024,x]"], r"lengths=.*: give a list of token counts"),
-    (["suite.tasks=[niah_single,passkey]"], r"suite.tasks: unknown \['passkey'\]"),
+    (["suite.tasks=[niah_single,essay_qa]"], r"suite.tasks: unknown \['essay_qa'\]"),
     (["+suite.vt.depth=0.5"], r"suite.vt: unknown option\(s\) \['depth'\]"),
     (["labels=[a,b]"], r"labels: 2 labels for 1 models"),
     (["ttt.lr=0.5"], r"ttt.lr / ttt.max_update_norm: model .* has no In-Place TTT"),

@@ -10,7 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 
 
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

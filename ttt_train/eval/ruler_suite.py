@@ -3,6 +3,7 @@ one record per sample appended to the results file as soon as it is scored."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 
@@ -74,6 +75,7 @@ def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], re
             continue
         model, tokenizer = load_model(entry.hf_dir, dtype=cfg["dtype"], device=device,
                                          ttt_lr=cfg["ttt"]["lr"], ttt_max_update_norm=cfg["ttt"]["max_update_norm"])
+        counter = functools.partial(count_tokens, tokenizer)
         groups: dict[tuple[int, str], list[int]] = {}
         for length, task, index in todo:
             groups.setdefault((length, task), []).append(index)
@@ -84,7 +86,7 @@ def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], re
                 for index in indices[start:start + cfg["batch_size"]]:
                     sample, guess = make_sample(
                         task, dict(suite.get(TASKS[task][1]) or {}), length=length, index=index,
-                        seed=cfg["seed"], haystack=haystack, count_tokens=lambda t: count_tokens(tokenizer, t),
+                        seed=cfg["seed"], haystack=haystack, count_tokens=counter,
                         max_new_tokens=suite["max_new_tokens"][task], answer_prefix=suite["answer_prefix"],
                         guess=guess,
                     )
