@@ -1,110 +1,232 @@
-"""`make demo`: train a tiny Qwen3-shaped model with In-Place TTT on synthetic long-context data.
+"""`make demo`: train In-Place TTT and its baseline through the tiny curriculum, export, evaluate, compare.
 
-This is the interim demo of the foundation: it generates passkey / multi-key / variable-tracking
-documents with the shipped byte tokenizer, builds a megatron indexed dataset, and trains the tiny
-model (6 layers, sliding-window attention, TTT in every sixth MLP) for a few steps under
-`torchrun` with 2 ranks in context parallelism (the fast-weight prefix scan crosses the ranks),
-then saves a dist_checkpoint. The full demo (two-stage curriculum, TTT vs. baseline evaluation)
-arrives with the Hydra training driver.
+    python -m ttt_train.demo [key=value ...]     (Hydra overrides of configs/demo/demo.yaml)
 
-    python -m ttt_train.demo [--steps 20] [--out runs/demo]
+A thin orchestrator: it prints (`$ ...`) and runs, as subprocesses, the commands a user would type,
+all taken from configs/demo/demo.yaml:
+1. `python -m data_tools.synthetic ...` for each data prefix not yet written;
+2. `torchrun --nproc-per-node N -m ttt_train.train experiment=E run.dir=OUT/E ...` for each run
+   (a finished run says so and exits 0; an interrupted one resumes);
+3. `python -m ttt_train.convert export --checkpoint ... --out OUT/hf/E` from each run's final
+   checkpoint (skipped when OUT/hf/E was exported from that same checkpoint);
+4. `python -m ttt_train.eval models=[...] labels=[...] out=OUT/eval/NAME ...` for each evaluation;
+then prints one table (final held-out loss per stage, recall by length, training tokens/s, per run),
+computed from the runs' metrics.jsonl and the evaluations' CSV files, writes it to OUT/summary.md,
+and says where the plots, checkpoints, exports and wandb offline runs are.
 """
 
 from __future__ import annotations
 
-import argparse
-import itertools
+import csv
+import json
 import os
+import shlex
+import shutil
+import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-SEQ_LENGTH = 512
-MICRO_BATCH = 2
-CHUNK = 64
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ttt_train.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
-    parser.add_argument("--out", default="runs/demo", help="output folder: data, checkpoint (default runs/demo)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+class CommandFailed(RuntimeError):
+    pass
 
 
-def prepare_data(out: Path) -> str:
-    """Generate the synthetic dataset once; return its prefix."""
-    from data_tools import synthetic
+def compose(overrides: list[str]) -> dict:
+    """configs/demo/demo.yaml with `overrides`, as plain containers."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
 
-    prefix = out / "data" / "synthetic"
-    if not Path(f"{prefix}.idx").is_file():
-        synthetic.main(["passkey", "multikey", "variable_tracking", "--num", "120", "--length", str(SEQ_LENGTH),
-                        "--seed", "0", "--output-prefix", str(prefix)])
-    return str(prefix)
-
-
-def worker(args: argparse.Namespace) -> None:
-    """One torchrun rank: CP=2 training of the tiny TTT model."""
-    import torch.distributed as dist
-
-    from ttt_train.data.datasets import BlendEntry, DataConfig, build_dataloader, build_datasets
-    from ttt_train.data.tokenizer import load_tokenizer
-    from ttt_train.layers.ttt_config import TTTConfig
-    from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
-    from ttt_train.runtime.distributed import ParallelConfig, initialize
-    from ttt_train.training.checkpoint import save_checkpoint
-    from ttt_train.training.optimizer import OptimizerArgs, build_optimizer
-    from ttt_train.training.setup import DDPConfig, wrap_for_training
-    from ttt_train.training.step import run_step
-
-    out = Path(args.out)
-    parallel = ParallelConfig(cp=2)
-    initialize(parallel)
-    rank = dist.get_rank()
-    tokenizer = load_tokenizer("byte")
-    data = DataConfig(blend=[BlendEntry(str(out / "data" / "synthetic"))], seq_length=SEQ_LENGTH, split="100,0,0",
-                      cache_dir=str(out / "data" / "cache"))
-    train, _, _ = build_datasets(data, tokenizer, (args.steps * MICRO_BATCH, 0, 0))
-    model_cfg = load_model_config("tiny", num_layers=6, sliding_window=128, vocab_size=tokenizer.vocab_size)
-    # A small inner lr and per-chunk clipping: with the demo's aggressive outer lr the target grows
-    # fast, and fast-weight responses scale like lr * tokens * |z|^2 * |v| on repetitive text.
-    ttt = TTTConfig(every=6, chunk_size=CHUNK, lr=0.03, max_update_norm=0.1)
-    config = to_transformer_config(model_cfg, parallel)
-    chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt), config, DDPConfig())
-    optimizer = build_optimizer(OptimizerArgs(lr=3e-3, weight_decay=0.1), chunks, config)
-    batches = iter(build_dataloader(train, tokenizer.eod_id, 0, MICRO_BATCH))
-    if rank == 0:
-        print(f"tiny model: {sum(p.numel() for p in chunks[0].parameters())} parameters on this rank, "
-              f"TTT layers {ttt.layer_indices(model_cfg.num_layers)}, chunk {CHUNK}, inner lr {ttt.lr}, "
-              f"clip {ttt.max_update_norm}, context parallel 2, "
-              f"sequence {SEQ_LENGTH}", flush=True)
-    start = time.perf_counter()
-    for step in range(args.steps):
-        result = run_step(chunks, itertools.islice(batches, 1), num_microbatches=1, micro_batch_size=MICRO_BATCH,
-                          seq_length=SEQ_LENGTH // parallel.cp, optimizer=optimizer)
-        if rank == 0:
-            tokens_per_s = (step + 1) * MICRO_BATCH * SEQ_LENGTH / (time.perf_counter() - start)
-            print(f"step {step + 1:3d}/{args.steps}  loss {result['loss']:.4f}  grad norm {result['grad_norm']:.3f}"
-                  f"  {tokens_per_s:,.0f} tokens/s", flush=True)
-    path = save_checkpoint(out / "checkpoints", args.steps, chunks, metadata={"demo": "interim"})
-    if rank == 0:
-        print(f"saved {path}\nThis interim demo trained the tiny TTT model for {args.steps} steps; the full "
-              f"demo (curriculum, TTT vs. baseline evaluation) comes with the training driver.", flush=True)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = hydra_compose(config_name="demo", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        worker(args)
+def run(shown: list[str], argv: list[str]) -> None:
+    """Print `shown` (the command as a user types it) and run `argv` (the same in this interpreter)."""
+    print(f"$ {shlex.join(shown)}", flush=True)
+    code = subprocess.call(argv)
+    if code != 0:
+        raise CommandFailed(f"exit code {code} from: {shlex.join(shown)}")
+
+
+def python_module(module: str, args: list[str]) -> None:
+    run(["python", "-m", module, *args], [sys.executable, "-m", module, *args])
+
+
+def torchrun(nproc: int, module: str, args: list[str]) -> None:
+    launcher = ["--nproc-per-node", str(nproc), "-m", module, *args]
+    run(["torchrun", *launcher], [sys.executable, "-m", "torch.distributed.run", *launcher])
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The last stage's newest checkpoint of a finished run."""
+    from ttt_train.training.checkpoint import latest_checkpoint
+
+    stages = sorted((run_dir / "stages").glob("*/checkpoints"))
+    path = latest_checkpoint(stages[-1]) if stages else None
+    if path is None:
+        raise CommandFailed(f"{run_dir}: no final checkpoint under {run_dir / 'stages'}")
+    return path.resolve()
+
+
+def export(checkpoint: Path, hf_dir: Path) -> bool:
+    """Export `checkpoint` to `hf_dir` unless it was exported from it already; True if exported now."""
+    marker = hf_dir.with_name(hf_dir.name + ".source")
+    if (hf_dir / "config.json").is_file() and marker.is_file() and marker.read_text() == str(checkpoint):
+        print(f"# {hf_dir}: exported from {checkpoint} already")
+        return False
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    python_module("ttt_train.convert", ["export", "--checkpoint", str(checkpoint), "--out", str(hf_dir)])
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(str(checkpoint))
+    os.replace(tmp, marker)
+    return True
+
+
+def stage_metrics(metrics_file: Path) -> dict[str, dict]:
+    """Per stage name (in stage order): the last held-out loss, the last training loss and the median
+    training tokens/s over the logged intervals (the last record of each step wins on a resume)."""
+    by_step: dict[tuple, dict] = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        kind = "val" if "val/loss" in record else "train" if "tokens_per_s" in record else None
+        if kind:
+            by_step[kind, record["stage"], record["step"]] = record
+    stages: dict[int, dict] = {}
+    for (kind, stage, _), record in sorted(by_step.items(), key=lambda item: item[0][1:]):
+        entry = stages.setdefault(stage, {"name": record["stage_name"], "speeds": []})
+        if kind == "val":
+            entry["val_loss"] = record["val/loss"]
+        else:
+            entry["train_loss"] = record["loss"]
+            entry["speeds"].append(record["tokens_per_s"])
+    return {e["name"]: {"val_loss": e.get("val_loss"), "train_loss": e.get("train_loss"),
+                        "tokens_per_s": statistics.median(e["speeds"]) if e["speeds"] else None}
+            for _, e in sorted(stages.items())}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summarise(metrics: dict[str, dict], recall: list[dict], position: list[dict]) -> tuple[list[dict], dict]:
+    """One row per run label and the per-label aggregates the verdict compares."""
+    rows, scores = [], {}
+    for label, stages in metrics.items():
+        row: dict[str, str] = {"run": label}
+        for name, m in stages.items():
+            loss = m["val_loss"] if m["val_loss"] is not None else m["train_loss"]
+            row[f"{name} loss{'' if m['val_loss'] is not None else ' (train)'}"] = _fmt(loss, 3)
+        mine = [r for r in recall if r["model"] == label]
+        for r in mine:
+            row[f"recall@{r['length']}"] = f"{float(r['average']):.0f}%"
+        for name, m in stages.items():
+            row[f"{name} tok/s"] = _fmt(m["tokens_per_s"], 0)
+        pos = [r for r in position if r["model"] == label]
+        if pos:
+            row["held-out loss, last bucket"] = _fmt(float(pos[-1]["loss"]), 3)
+        last = list(stages.values())[-1]
+        scores[label] = {
+            "recall": statistics.mean(float(r["average"]) for r in mine) if mine else None,
+            "loss": last["val_loss"] if last["val_loss"] is not None else last["train_loss"],
+        }
+        rows.append(row)
+    return rows, scores
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [columns] + [[row.get(c, "-") for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+
+
+def verdict(scores: dict, ttt: str, base: str) -> str:
+    """What the measurements say, TTT against the baseline (computed, never assumed)."""
+    t, b = scores[ttt], scores[base]
+    parts, margins = [], []  # margin > 0: TTT better
+    if t["recall"] is not None and b["recall"] is not None:
+        margins.append(t["recall"] - b["recall"])
+        parts.append(f"mean passkey recall {t['recall']:.0f}% ({ttt}) vs {b['recall']:.0f}% ({base})")
+    if t["loss"] is not None and b["loss"] is not None:
+        margins.append(b["loss"] - t["loss"])
+        parts.append(f"final-stage loss {t['loss']:.3f} ({ttt}) vs {b['loss']:.3f} ({base})")
+    head = (f"{ttt} beats {base} at this scale" if margins and all(m > 0 for m in margins) else
+            f"{ttt} does not beat {base} at this scale" if all(m <= 0 for m in margins) else
+            "mixed result at this scale")
+    return f"{head}: " + "; ".join(parts) + "."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_data(out)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ttt_train.demo",
-               "--worker", "--steps", str(args.steps), "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="offline")
-    return subprocess.call(command, env=env)
+    cfg = compose(argv)
+    out = Path(cfg["out"])
+    labels = list(cfg["runs"])
+    try:
+        for item in cfg["data"]:
+            if Path(f"{item['prefix']}.idx").is_file():
+                print(f"# {item['prefix']}: present")
+            else:
+                python_module("data_tools.synthetic", [*map(str, item["args"]), "--output-prefix", item["prefix"]])
+        for experiment in cfg["runs"].values():
+            torchrun(cfg["nproc_per_node"], "ttt_train.train",
+                     [f"experiment={experiment}", f"run.dir={out / experiment}", *cfg["train_overrides"]])
+        exported = [export(final_checkpoint(out / e), out / "hf" / e) for e in cfg["runs"].values()]
+        if any(exported):  # results of the previous models would be reused by the resumable eval
+            shutil.rmtree(out / "eval", ignore_errors=True)
+        models = ",".join(str(out / "hf" / e) for e in cfg["runs"].values())
+        for name, args in cfg["eval"].items():
+            python_module("ttt_train.eval", [f"models=[{models}]", f"labels=[{','.join(labels)}]",
+                                             f"out={out / 'eval' / name}", *args])
+    except CommandFailed as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 1
+    report(cfg, out, labels)
+    return 0
+
+
+def report(cfg: dict, out: Path, labels: list[str]) -> None:
+    """Print the table and where everything is; write it to OUT/summary.md."""
+    metrics = {label: stage_metrics(out / e / "metrics.jsonl") for label, e in cfg["runs"].items()}
+    evals = out / "eval"
+    recall = read_csv(evals / "recall" / "ruler_scores.csv") if (evals / "recall" / "ruler_scores.csv").is_file() else []
+    position_csv = evals / "position" / "loss_by_position.csv"
+    position = read_csv(position_csv) if position_csv.is_file() else []
+    rows, scores = summarise(metrics, recall, position)
+    lines = [table(rows), ""]
+    if len(labels) >= 2:
+        lines.append(verdict(scores, labels[0], labels[1]))
+    lines += [
+        "",
+        "loss: held-out validation loss at each stage's end (train: the last logged training loss); "
+        "recall: passkey retrieved exactly, by prompt length in tokens; tok/s: median training throughput "
+        "over the logged intervals, all ranks together.",
+        "",
+        "where everything is:",
+        *[f"  {label}: run folder {out / e} (config.yaml, metrics.jsonl, stages/*/checkpoints), "
+          f"HF export {out / 'hf' / e}" for label, e in cfg["runs"].items()],
+        *[f"  plots: {p}" for p in sorted(evals.glob("*/*.png"))],
+        *[f"  wandb offline run: wandb sync {p}" for e in cfg["runs"].values()
+          for p in sorted((out / e / "wandb").glob("offline-run-*"))],
+    ]
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    tmp = out / "summary.md.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out / "summary.md")
+    print(f"\nsummary written to {out / 'summary.md'}")
 
 
 if __name__ == "__main__":
