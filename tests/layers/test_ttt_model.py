@@ -8,18 +8,18 @@ from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.runtime.local_ranks import run_local_ranks
 
 
-@pytest.mark.parametrize("ttt, expected", [
-    (dict(every=6), [0, 6]),
-    (dict(every=6, offset=5), [5, 11]),
-    (dict(layers=[3, 4, 10]), [3, 4, 10]),
-    (dict(every=4, offset=1), [1, 5, 9]),
+# (TTT config, TTT layers of a 12-layer model, those of each of 2 pipeline stages of 6 layers). Indices
+# are global: `every: 4, offset: 1` read per stage (local indices) would give [[1, 5], [7, 11]].
+@pytest.mark.parametrize("ttt, expected, stages", [
+    (dict(every=6), [0, 6], [[0], [6]]),
+    (dict(every=6, offset=5), [5, 11], [[5], [11]]),
+    (dict(layers=[3, 4, 10]), [3, 4, 10], [[3, 4], [10]]),
+    (dict(every=4, offset=1), [1, 5, 9], [[1, 5], [9]]),
 ])
-def test_exactly_the_configured_layers_are_ttt(ttt, expected):
+def test_exactly_the_configured_layers_are_ttt(ttt, expected, stages):
     (single,) = run_local_ranks(ttt_spec_layers, 1, ttt, 1, timeout=300)
     assert single == expected
-    stages = run_local_ranks(ttt_spec_layers, 2, ttt, 2, timeout=300)  # PP=2: global indices across stages
-    assert sorted(stages[0] + stages[1]) == expected
-    assert all(i < 6 for i in stages[0]) and all(i >= 6 for i in stages[1])
+    assert run_local_ranks(ttt_spec_layers, 2, ttt, 2, timeout=300) == stages  # PP=2
 
 
 @pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
@@ -31,10 +31,16 @@ def test_fresh_ttt_model_is_the_base_model(target):
     assert result["ttt_layers"] == [0, 6]
 
 
-def test_ttt_mlp_equals_float64_recomputation():
+def test_ttt_mlp_equals_float64_recomputation_and_its_stats_their_definition():
     (result,) = run_local_ranks(ttt_mlp_vs_float64, 1, timeout=300)
     assert result["out_rel_err"] < 1e-12
     assert result["changed_by_ttt"] > 1e-3  # the fast weights really moved
+    # ttt_stats() of that forward follow their definition
+    stats, expected = result["stats"], result["expected_stats"]
+    assert stats.keys() == expected.keys()
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value, rel=1e-6), key
+    assert 0 < stats["clipped_fraction"] < 1 and stats["fast_weight_rel_change"] > 1e-3
 
 
 @pytest.mark.parametrize("ttt, key", [

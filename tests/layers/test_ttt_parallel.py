@@ -1,9 +1,9 @@
 """A model with In-Place TTT layers: TP=2 (with and without sequence parallelism) and PP=2 give the
-loss, logits and every gradient (the TTT target's included) of TP=1, on packed batches with
-document boundaries, with and without update clipping (which really clips: some of the updates, on
-every layout, per `TTTMLP.ttt_stats()`, which TP ranks agree on), for both target sources. The TP=1
-weights reach the other layouts through a dist_checkpoint, so the TTT parameters' sharded state
-dict is exercised too."""
+loss, logits and every gradient (the TTT target's included) of TP=1, on packed batches with document
+boundaries, with and without update clipping (which really clips: a part of the updates on every
+layout, per `TTTMLP.ttt_stats()`, which TP ranks agree on), for both target sources (input_embed
+under PP=2 too). The TP=1 weights reach the other layouts through a dist_checkpoint, so the TTT
+parameters' sharded state dict is exercised too."""
 
 from functools import partial
 
@@ -15,7 +15,8 @@ from ttt_train.runtime.local_ranks import run_local_ranks
 LAYOUTS = [dict(), dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2)]
 CASES = {
     "hidden_states": dict(layers=[0, 2], chunk_size=8, lr=1.0, target="hidden_states"),
-    # update norms of this case lie around 1e-3 (small embeddings): a good part of the updates clip
+    # update norms of this case lie around 1e-3 (small embeddings): a good part of the updates clip.
+    # Layers 0 and 1 sit on the first of two pipeline stages, which holds the embeddings (PP=2 runs).
     "input_embed_clipped": dict(layers=[0, 1], chunk_size=8, lr=1.0, target="input_embed", max_update_norm=1.2e-3),
 }
 
@@ -23,10 +24,9 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     ttt = CASES[request.param]
-    layouts = LAYOUTS if ttt["target"] == "hidden_states" else LAYOUTS[:3]  # input_embed: TTT on stage 0 only
     case = partial(equivalence_case, seed=11, ttt=ttt, with_docs=True)
-    per_rank = run_local_ranks(case, 2, layouts, str(tmp_path_factory.mktemp("ckpt")), timeout=600)
-    return [dict(result, name=request.param) for result in merge_ranks(per_rank, layouts)]
+    per_rank = run_local_ranks(case, 2, LAYOUTS, str(tmp_path_factory.mktemp("ckpt")), timeout=600)
+    return [dict(result, name=request.param) for result in merge_ranks(per_rank, LAYOUTS)]
 
 
 @pytest.mark.slow

@@ -34,9 +34,49 @@ def test_activation_recompute_gives_same_losses(recompute):
     assert recomputed == pytest.approx(plain, rel=1e-6)
 
 
-def test_yarn_runs_past_original_context():
-    (result,) = run_local_ranks(scenarios.yarn_forward, 1, 128, timeout=300)
-    assert result["rotary"] == "YarnRotaryEmbedding" and result["finite"]
+# model.yarn key (megatron TransformerConfig.yarn_*) -> transformers rope_parameters key ("yarn")
+YARN_TO_HF = {"factor": "factor", "original_max_position_embeddings": "original_max_position_embeddings",
+              "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
+              "mscale_all_dim": "mscale_all_dim", "correction_range_round_to_int": "truncate"}
+YARN_SETTINGS = [
+    dict(factor=4.0, original_max_position_embeddings=32),  # the defaults (HF's 0.1 ln(factor) + 1)
+    dict(factor=3.2, original_max_position_embeddings=40, mscale=1.0, mscale_all_dim=1.0,
+         correction_range_round_to_int=False),  # Megatron-Bridge's Qwen3 128k recipe: attention factor 1
+    dict(factor=8.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0, mscale=0.707,
+         mscale_all_dim=0.5),
+]
+
+
+def _hf_yarn(head_dim: int, rotary_base: float, yarn: dict):
+    """transformers' own YaRN rope for the same settings: (inverse frequencies, attention factor)."""
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "rope_theta": rotary_base, **{YARN_TO_HF[k]: v for k, v in yarn.items()}}
+    config = Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=128,
+                         rope_parameters=rope)
+    return ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+
+
+def test_yarn_rotary_equals_transformers_yarn():
+    """megatron's YaRN, as configured from model.yarn, has transformers' inverse frequencies and
+    attention factor (applied to cos and sin, i.e. to q and k, in both) for the same settings; the
+    model runs past its original context."""
+    import torch
+
+    from ttt_train.models.config import YarnConfig
+
+    assert set(YARN_TO_HF) == set(YarnConfig.__dataclass_fields__)  # every field has its HF counterpart
+    results = run_local_ranks(scenarios.yarn_rotary, 1, 128, YARN_SETTINGS, timeout=300)[0]
+    for yarn, result in zip(YARN_SETTINGS, results):
+        assert result["rotary"] == "YarnRotaryEmbedding" and result["finite"], yarn
+        inv_freq, attention_factor = _hf_yarn(result["head_dim"], result["rotary_base"], yarn)
+        assert torch.allclose(result["inv_freq"], inv_freq, rtol=1e-6, atol=0), (yarn, result["inv_freq"], inv_freq)
+        assert result["mscale"] == pytest.approx(attention_factor, rel=1e-12), yarn
+    assert results[1]["mscale"] == 1.0 and results[0]["mscale"] > 1.0
+    # the ramp's rounding matters (a test that cannot tell truncate on from off proves nothing)
+    rounded = dict(YARN_SETTINGS[1], correction_range_round_to_int=True)
+    assert not torch.allclose(_hf_yarn(16, results[1]["rotary_base"], rounded)[0], results[1]["inv_freq"])
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):

@@ -42,17 +42,30 @@ def train_losses(layout: dict, steps: int = 12, distributed_optimizer: bool = Fa
                      optimizer=optimizer)["loss"] for _ in range(steps)]
 
 
-def yarn_forward(seq: int) -> dict:
-    """Forward a YaRN model on a sequence longer than its original context."""
+def yarn_rotary(seq: int, settings: list[dict]) -> list[dict]:
+    """For each YaRN setting (model.yarn keys): the rotary embedding megatron builds from
+    `to_transformer_config` / `build_gpt_model` (class, inverse frequencies, the concentration factor
+    attention applies to q and k), and a forward on `seq` tokens (past the original context)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
     parallel = ParallelConfig()
     initialize(parallel)
-    model_cfg = load_model_config("tiny", yarn={"factor": 4.0, "original_max_position_embeddings": seq // 4})
-    config = to_transformer_config(model_cfg, parallel)
-    model = build_gpt_model(model_cfg, config)
-    batch = make_batch(1, 1, seq, model_cfg.vocab_size)
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return dict(rotary=type(model.rotary_pos_emb).__name__, loss=out.mean().item(),
-                finite=bool(torch.isfinite(out).all()))
+    results = []
+    for yarn in settings:
+        model_cfg = load_model_config("tiny", num_layers=1, yarn=yarn)
+        config = to_transformer_config(model_cfg, parallel)
+        model = build_gpt_model(model_cfg, config)
+        emb, _ = model.rotary_pos_emb.get_emb(2)  # [2, 1, 1, head_dim]: angles of positions 0 and 1
+        batch = make_batch(1, 1, seq, model_cfg.vocab_size)
+        with torch.no_grad():
+            out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        results.append(dict(rotary=type(model.rotary_pos_emb).__name__, inv_freq=emb[1, 0, 0, :model_cfg.kv_channels // 2],
+                            mscale=_yarn_get_concentration_factor_from_config(config),
+                            head_dim=model_cfg.kv_channels, rotary_base=model_cfg.rotary_base,
+                            finite=bool(torch.isfinite(out).all())))
+    return results
 
 
 def crash_during_save(root: str) -> dict:
@@ -173,7 +186,8 @@ def ttt_mlp_vs_float64() -> dict:
     model_cfg = load_model_config("tiny", num_layers=1)
     config = to_transformer_config(model_cfg, parallel)
     config.params_dtype = torch.float64
-    ttt_cfg = TTTConfig(layers=[0], chunk_size=8, lr=2.0, max_update_norm=0.5)
+    tau = 11.0  # the updates' norms lie between 8 and 13: some clip, some not
+    ttt_cfg = TTTConfig(layers=[0], chunk_size=8, lr=2.0, max_update_norm=tau)
     model = build_gpt_model(model_cfg, config, ttt=ttt_cfg).double()
     mlp = model.decoder.layers[0].mlp
     assert isinstance(mlp, TTTMLP)
@@ -192,10 +206,35 @@ def ttt_mlp_vs_float64() -> dict:
         v = _depthwise_conv_per_chunk_f64(x.transpose(0, 1), mlp.ttt_target.conv.weight, 8, doc_ids)
         v = v @ mlp.ttt_target.proj.weight.T
         ref = inplace_ttt_reference(z, v, mlp.linear_fc2.weight, chunk_size=8, lr=2.0, doc_ids=doc_ids,
-                                    max_update_norm=0.5).transpose(0, 1)
+                                    max_update_norm=tau).transpose(0, 1)
         plain = z.transpose(0, 1) @ mlp.linear_fc2.weight.T
     return dict(out_rel_err=((out - ref).abs().max() / ref.abs().max()).item(),
-                changed_by_ttt=((ref - plain).abs().max() / plain.abs().max()).item())
+                changed_by_ttt=((ref - plain).abs().max() / plain.abs().max()).item(),
+                stats={k: v.item() for k, v in mlp.ttt_stats().items()},
+                expected_stats=_ttt_stats_by_hand(z, v, mlp.linear_fc2.weight, chunk=8, lr=2.0, tau=tau,
+                                                  doc_ids=doc_ids))
+
+
+def _ttt_stats_by_hand(z, v, weight, chunk, lr, tau, doc_ids) -> dict:
+    """`TTTMLP.ttt_stats()` from its definition: the update of each chunk but the last (its last
+    document's tokens), and the state the last chunk reads (its first document's earlier updates)."""
+    T = z.shape[1]
+    last = (T - 1) // chunk * chunk
+    norms, rel = [], []
+    for b in range(z.shape[0]):
+        state = weight.clone()
+        for s in range(0, last, chunk):
+            docs = doc_ids[b, s:s + chunk]
+            rows = docs == docs[-1]
+            u = lr * v[b, s:s + chunk][rows].T @ z[b, s:s + chunk][rows]
+            norms.append(u.norm())
+            if docs[-1] == doc_ids[b, last]:
+                state = state + u * min(1.0, tau / u.norm().item())
+        rel.append((state - weight).norm() / weight.norm())
+    norms = torch.stack(norms)
+    return dict(update_norm_mean=norms.mean().item(), update_norm_max=norms.max().item(),
+                clipped_fraction=(norms > tau).double().mean().item(),
+                fast_weight_rel_change=torch.stack(rel).mean().item(), target_norm=v.norm(dim=-1).mean().item())
 
 
 def resume_losses(root: str, layout: dict) -> dict:
