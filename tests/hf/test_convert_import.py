@@ -235,3 +235,27 @@ def test_byte_tokenizer_exports_for_auto_tokenizer(tmp_path):
     assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
     assert hf.decode(ours.encode(text)) == text
     assert ids == {"eos_token_id": ours.eod_id, "pad_token_id": ours.pad_id} and hf.eos_token_id == ours.eod_id
+
+
+def _save_bf16_and_export(root):
+    from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
+    from ttt_train.models.hf import export_checkpoint
+    from ttt_train.runtime.distributed import ParallelConfig, initialize
+    from ttt_train.training.checkpoint import build_manifest, save_checkpoint
+
+    parallel = ParallelConfig()
+    initialize(parallel)
+    model_cfg = load_model_config("tiny")
+    gpt = build_gpt_model(model_cfg, to_transformer_config(model_cfg, parallel, dtype="bf16"))
+    save_checkpoint(f"{root}/ckpt", 3, [gpt], manifest=build_manifest(model_cfg, None, parallel, dtype="bf16"))
+    export_checkpoint(f"{root}/ckpt", f"{root}/out", tolerance=FP32_TOL)
+
+
+def test_bf16_checkpoint_exports_bf16_safetensors(tmp_path):
+    """A checkpoint trained in bf16 exports bf16 tensors; the verification runs both sides in float32."""
+    from ttt_train.models.hf.hf_files import SafetensorsFolder
+
+    run_local_ranks(_save_bf16_and_export, 1, str(tmp_path))
+    out = SafetensorsFolder(tmp_path / "out")
+    assert {t.dtype for _, t in out.iter_tensors(out.names())} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"

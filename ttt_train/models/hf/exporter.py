@@ -137,10 +137,12 @@ def write_tokenizer(spec: str, folder: Path) -> dict:
     return {"eos_token_id": ours.eod_id, "pad_token_id": ours.pad_id if ours.pad_id is not None else ours.eod_id}
 
 
-def build_export_model(checkpoint_path, *, dtype: str | None = None):
-    """(TP=1 PP=1 model with the checkpoint's weights, ModelConfig, TTTConfig|None, checkpoint info).
+def build_export_model(checkpoint_path):
+    """(TP=1 PP=1 float32 model with the checkpoint's weights, ModelConfig, TTTConfig|None, checkpoint info).
 
-    Runs in one process (initialises a world of one when torch.distributed is not set up)."""
+    Float32 whatever the training dtype (bf16 weights load exactly), so the verification's forward
+    runs in float32 like the HF side's. Runs in one process (a world of one when torch.distributed
+    is not set up)."""
     import torch.distributed as dist
 
     from ttt_train.models import build_gpt_model, to_transformer_config
@@ -158,7 +160,7 @@ def build_export_model(checkpoint_path, *, dtype: str | None = None):
         raise RuntimeError("export runs in a single process (it reshards to TP=1, PP=1); start it without torchrun")
     parallel = ParallelConfig()
     initialize(parallel)
-    config = to_transformer_config(model_cfg, parallel, dtype=dtype or manifest.get("dtype", "fp32"))
+    config = to_transformer_config(model_cfg, parallel, dtype="fp32")
     gpt = build_gpt_model(model_cfg, config, ttt=ttt)
     load_checkpoint(info["path"], [gpt], strict=True)
     return gpt, model_cfg, ttt, info
@@ -229,7 +231,6 @@ def verify_export(gpt, out_dir: Path, model_cfg: ModelConfig, ttt: TTTConfig | N
         sample_prompts,
     )
 
-    gpt.float()
 
     def hf_logits(prompts):
         model = load_causal_lm(AutoModelForCausalLM.from_pretrained, out_dir, dtype=torch.float32,
