@@ -32,7 +32,8 @@ def make_data(folder: Path) -> dict[str, str]:
 
 def tiny_overrides(run_dir: Path, data: dict[str, str], *, steps=(6, 6), extra=()) -> list[str]:
     """`tiny_ttt` at test size: stage 0 `steps[0]` steps at 256 tokens (CP1 x DP2), stage 1 `steps[1]`
-    steps at 1024 tokens with YaRN factor 4 (CP2); log and checkpoint every step / every 2 steps."""
+    steps at 1024 tokens with YaRN factor 4 (CP2); log every step, checkpoint every 2 steps, validate
+    (held-out loss, 4 position buckets) every 3 steps."""
     return ["experiment=tiny_ttt", f"run.dir={run_dir}", f"data.blend=[{{path:'{data['short']}',weight:1.0}}]",
             f"data.cache_dir={run_dir.parent / 'cache'}", f"model.max_position_embeddings={SHORT}",
             f"stages.0.seq_length={SHORT}", f"stages.0.tokens={steps[0] * 4 * SHORT}",
@@ -40,6 +41,7 @@ def tiny_overrides(run_dir: Path, data: dict[str, str], *, steps=(6, 6), extra=(
             f"stages.1.model.max_position_embeddings={LONG}", f"stages.1.yarn.original_max_position_embeddings={SHORT}",
             f"stages.1.data.blend=[{{path:'{data['long']}',weight:1.0}}]",
             "logging.interval=1", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
+            "validation.every_steps=3", "validation.num_batches=1", "validation.position_buckets=4",
             "schedule.warmup_fraction=0.0", "ttt.lr_warmup.steps=4", *extra]
 
 

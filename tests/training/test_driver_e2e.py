@@ -2,6 +2,7 @@
 exact resume after kill -9 and SIGTERM in either stage, a TP=1 checkpoint resumed at TP=2."""
 
 import json
+import math
 import shutil
 import signal
 
@@ -45,13 +46,28 @@ def test_two_stage_curriculum(reference, data):
     # stage 1 starts from stage 0's trained weights: far below a random model's loss (~ln 320 = 5.8)
     assert losses[(1, 1)] < losses[(0, 1)] - 0.3
     record = h.records(run_dir)[-1]
+    ttt_keys = [f"ttt/layer{i}/{k}" for i in (1, 3) for k in ("update_norm_mean", "update_norm_max",
+                                                              "clipped_fraction", "fast_weight_rel_change", "target_norm")]
     for key in ("loss", "lr", "grad_norm", "skipped_steps", "tokens_per_s", "tflops_per_device", "peak_memory_gib",
-                "ttt_lr", "consumed_tokens", "run_step"):
+                "ttt_lr", "consumed_tokens", "run_step", *ttt_keys):
         assert key in record, key
+    assert 0 < record["ttt/layer1/fast_weight_rel_change"] and 0 <= record["ttt/layer3/clipped_fraction"] <= 1
     assert "stages.1 (ctx4k)  step 6/6  loss" in out and "ETA" in out
+    validation = [r for r in h.records(run_dir) if "val/loss" in r]
+    assert [(r["stage"], r["step"]) for r in validation] == [(0, 3), (0, 6), (1, 3), (1, 6)]
+    for r in validation:
+        edges = [256 // 4 * (i + 1) for i in range(4)] if r["stage"] == 0 else [1024 // 4 * (i + 1) for i in range(4)]
+        by_position = [r[f"val/loss_pos_{e}"] for e in edges]
+        assert all(math.isfinite(x) for x in by_position)
+        assert min(by_position) <= r["val/loss"] <= max(by_position)
+    assert "validation loss" in out
     assert json.loads((run_dir / "status.json").read_text()) == {"state": "finished", "exit_code": 0}
     offline = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert len(offline) == 1
+    (history,) = offline[0].glob("*.wandb")
+    logged = history.read_bytes()  # protobuf records: the metric names appear verbatim
+    for key in ("loss", "tokens_per_s", "grad_norm", "stage", *ttt_keys):
+        assert key.encode() in logged, key
     # rerunning a finished run says so and exits 0
     code, out = h.run_to_end(h.tiny_overrides(run_dir, data))
     assert code == 0 and "finished already" in out, out[-3000:]

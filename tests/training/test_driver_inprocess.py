@@ -58,3 +58,49 @@ def test_nonfinite_steps_are_skipped_then_stop_without_checkpoint(tmp_path, data
     skipped = {r["step"]: r["skipped_steps"] for r in h.records(run_dir)}
     assert skipped == {1: 0, 2: 0, 3: 1, 4: 2}
     assert all(math.isfinite(r["loss"]) for r in h.records(run_dir) if r["step"] <= 2)
+
+
+def _tiny_hf(folder, layers: int):
+    """A random transformers Qwen3 with the `tiny` preset's shape (4 layers fit it, 3 do not)."""
+    from tests.hf.test_convert_import import make_hf_model
+
+    return make_hf_model(folder, layers=layers, vocab_size=320, intermediate_size=128, head_dim=16,
+                         rope={"rope_type": "default", "rope_theta": 1000000.0})
+
+
+def _hf_loss(hf_dir, prefix: str, seq: int, samples: int) -> float:
+    """Mean token loss of the HF model on the first `samples` training samples of the dataset."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ttt_train.data.datasets import DataConfig, build_datasets
+
+    cfg = DataConfig.from_dict({"blend": [{"path": prefix, "weight": 1.0}], "seq_length": seq, "split": "95,5,0",
+                                "cache_dir": str(hf_dir / "cache")})
+    train_set = build_datasets(cfg, None, (samples, 0, 0))[0]
+    batch = [train_set[i] for i in range(samples)]
+    tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+    labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+    mask = torch.stack([torch.as_tensor(b["loss_mask"]) for b in batch]).float()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return float((losses * mask.flatten()).sum() / mask.sum())
+
+
+def test_init_hf_starts_from_the_hf_weights(tmp_path, data, capsys):
+    """Stage 0 from `init.hf`: the first step's loss is the HF model's own loss on that batch (TTT layers
+    start as the plain MLP); a folder of another shape is refused naming the key."""
+    from ttt_train import train
+
+    mismatched = _tiny_hf(tmp_path / "hf3", layers=3)
+    overrides = one_rank(tmp_path / "run", data, (1, 1), "model.sliding_window=null")
+    assert train.main([*overrides, f"init.hf={mismatched}"]) == train.EXIT_REFUSED
+    assert "model.num_layers" in capsys.readouterr().err
+
+    hf_dir = _tiny_hf(tmp_path / "hf4", layers=4)
+    assert run_local_ranks(sc.run_driver, 1, [*overrides, f"init.hf={hf_dir}"], timeout=400) == [0]
+    first = h.records(tmp_path / "run")[0]
+    assert (first["stage"], first["step"]) == (0, 1)
+    assert first["loss"] == pytest.approx(_hf_loss(hf_dir, data["short"], h.SHORT, 4), rel=1e-5)

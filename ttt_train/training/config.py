@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ttt_train.data.datasets import BlendEntry
 from ttt_train.layers.ttt_config import TTTConfig
@@ -55,13 +55,13 @@ class TTTSection(TTTConfig):
 class DataSection:
     """`DataConfig` fields; `seq_length` is set by each stage (a value here is overwritten)."""
 
-    blend: List[BlendEntry] = field(default_factory=list)
-    seq_length: Optional[int] = None
+    blend: list[BlendEntry] = field(default_factory=list)
+    seq_length: int | None = None
     split: str = "98,1,1"
     seed: int = 1234
     cache_dir: str = "data_cache"
     tokenizer: str = "byte"
-    eod_token: Optional[str] = None
+    eod_token: str | None = None
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
     mid_level_dataset_surplus: float = 0.005
@@ -95,7 +95,7 @@ class TrainingConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 1
     dtype: str = "fp32"
-    recompute: Optional[str] = None
+    recompute: str | None = None
     max_skipped_steps: int = 3
 
 
@@ -108,15 +108,15 @@ class StageConfig:
     name: str = "???"
     tokens: int = "???"  # type: ignore[assignment]
     seq_length: int = "???"  # type: ignore[assignment]
-    yarn: Optional[YarnConfig] = None
-    model: Dict[str, Any] = field(default_factory=dict)
-    ttt: Dict[str, Any] = field(default_factory=dict)
-    parallel: Dict[str, Any] = field(default_factory=dict)
-    ddp: Dict[str, Any] = field(default_factory=dict)
-    optimizer: Dict[str, Any] = field(default_factory=dict)
-    schedule: Dict[str, Any] = field(default_factory=dict)
-    data: Dict[str, Any] = field(default_factory=dict)
-    training: Dict[str, Any] = field(default_factory=dict)
+    yarn: YarnConfig | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    ttt: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,10 +138,10 @@ class WandbConfig:
 
     mode: str = "offline"
     project: str = "ttt-train"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,7 +150,7 @@ class LoggingConfig:
     `peak_tflops`: the device's peak TFLOP/s at the training dtype, for MFU (null: MFU not logged)."""
 
     interval: int = 10
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -172,8 +172,8 @@ class InitConfig:
     of the model's tensors (false: e.g. a model without TTT seeds a TTT model, whose new tensors keep
     their initialisation)."""
 
-    checkpoint: Optional[str] = None
-    hf: Optional[str] = None
+    checkpoint: str | None = None
+    hf: str | None = None
     strict: bool = True
 
 
@@ -184,12 +184,12 @@ class RunConfig:
     if set, checked at launch). exit_after_minutes: save and exit (code 75) once this much wall time
     has passed (0: off). signals: signal names that trigger a save and exit 75 at the next step."""
 
-    name: Optional[str] = None
-    dir: Optional[str] = None
+    name: str | None = None
+    dir: str | None = None
     dry_run: bool = False
-    world_size: Optional[int] = None
+    world_size: int | None = None
     exit_after_minutes: float = 0.0
-    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -207,7 +207,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    stages: List[StageConfig] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 SCHEMAS = {"model": ModelConfig, "ttt": TTTSection, "parallel": ParallelConfig, "ddp": DDPConfig,

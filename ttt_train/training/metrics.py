@@ -89,20 +89,19 @@ def console_line(record: dict, stage_label: str, total_steps: int, eta_s: float)
 
 
 def ttt_layer_stats(layers: list) -> dict[int, dict]:
-    """{global layer number: {stat: float}} from each TTT layer's `ttt_stats()` (one host sync)."""
+    """{global layer index: {stat: float}} from each TTT layer's `ttt_stats()` (statistics of the last
+    micro-batch: update norms, clipped fraction, relative fast-weight change, target norm)."""
     out = {}
     for layer in layers:
-        stats = layer.ttt_stats() if hasattr(layer, "ttt_stats") else None
-        if stats:
-            out[layer.layer_number - 1] = {k: float(v) for k, v in stats.items()}
+        out[layer.layer_number - 1] = {k: float(v) for k, v in layer.ttt_stats().items()}
     return out
 
 
 def gather_ttt_stats(layers: list) -> dict[int, dict]:
     """Every rank's TTT layer stats on rank 0 (collective over the world; {} elsewhere).
 
-    Layers split over pipeline stages are merged; tensor- and context-parallel copies agree and the
-    first one seen wins.
+    Layers split over pipeline stages are merged; tensor-parallel copies agree, and under context
+    parallelism the lowest rank's (its own shards') statistics are kept.
     """
     import torch.distributed as dist
 
