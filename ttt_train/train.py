@@ -117,7 +117,12 @@ def run(cfg, stages: list[Stage], flags) -> int:
     init_process_group()
     rank = dist.get_rank()
     run_dir = Path(cfg.run.dir)
-    start, resume, wandb_id = _broadcast(_plan_start(stages) if rank == 0 else None)
+    planned = _broadcast(_plan_start(stages) if rank == 0 else None)
+    if isinstance(planned, str):  # rank 0 could not read the run folder: every rank stops with its message
+        if rank == 0:
+            print(f"error: {planned}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    start, resume, wandb_id = planned
     if start == len(stages):
         if rank == 0:
             print(f"{cfg.run.name}: finished already (all {len(stages)} stages done; final checkpoint "
@@ -164,9 +169,13 @@ def run(cfg, stages: list[Stage], flags) -> int:
     return code
 
 
-def _plan_start(stages: list[Stage]) -> tuple[int, Path | None, str | None]:
-    start, resume = resume_point(stages)
-    return start, resume, _wandb_id(stages, start, resume) if start < len(stages) else None
+def _plan_start(stages: list[Stage]) -> tuple[int, Path | None, str | None] | str:
+    """(stage to run, checkpoint to resume, wandb id), or the error that prevents reading them."""
+    try:
+        start, resume = resume_point(stages)
+        return start, resume, _wandb_id(stages, start, resume) if start < len(stages) else None
+    except (OSError, ValueError, KeyError) as err:
+        return f"cannot resume from {stages[0].folder.parent}: {err}"
 
 
 def main(argv: list[str] | None = None) -> int:
