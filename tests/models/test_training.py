@@ -34,7 +34,10 @@ def test_activation_recompute_gives_same_losses(recompute):
     assert recomputed == pytest.approx(plain, rel=1e-6)
 
 
-# model.yarn key (megatron TransformerConfig.yarn_*) -> transformers rope_parameters key ("yarn")
+# model.yarn key (megatron TransformerConfig.yarn_*) -> transformers rope_parameters key ("yarn"). One
+# difference: transformers uses mscale / mscale_all_dim only when both are non-zero (else 0.1 ln(factor)
+# + 1), megatron always takes their ratio; where they differ (mscale_all_dim == 0 with mscale != 1, or
+# mscale == 0) an HF config must state `attention_factor` = megatron's ratio explicitly.
 YARN_TO_HF = {"factor": "factor", "original_max_position_embeddings": "original_max_position_embeddings",
               "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
               "mscale_all_dim": "mscale_all_dim", "correction_range_round_to_int": "truncate"}
@@ -44,15 +47,26 @@ YARN_SETTINGS = [
          correction_range_round_to_int=False),  # Megatron-Bridge's Qwen3 128k recipe: attention factor 1
     dict(factor=8.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0, mscale=0.707,
          mscale_all_dim=0.5),
+    dict(factor=4.0, original_max_position_embeddings=32, mscale=0.707),  # needs attention_factor in HF
 ]
 
 
-def _hf_yarn(head_dim: int, rotary_base: float, yarn: dict):
+def _megatron_attention_factor(yarn: dict) -> float:
+    """YarnConfig's documented attention factor: (0.1 m ln s + 1) / (0.1 m_all ln s + 1)."""
+    import math
+
+    def get(m: float) -> float:
+        return 0.1 * m * math.log(yarn["factor"]) + 1
+
+    return get(yarn.get("mscale", 1.0)) / get(yarn.get("mscale_all_dim", 0.0))
+
+
+def _hf_yarn(head_dim: int, rotary_base: float, yarn: dict, **extra):
     """transformers' own YaRN rope for the same settings: (inverse frequencies, attention factor)."""
     from transformers import Qwen3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "yarn", "rope_theta": rotary_base, **{YARN_TO_HF[k]: v for k, v in yarn.items()}}
+    rope = {"rope_type": "yarn", "rope_theta": rotary_base, **{YARN_TO_HF[k]: v for k, v in yarn.items()}, **extra}
     config = Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=128,
                          rope_parameters=rope)
     return ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
@@ -72,6 +86,11 @@ def test_yarn_rotary_equals_transformers_yarn():
         assert result["rotary"] == "YarnRotaryEmbedding" and result["finite"], yarn
         inv_freq, attention_factor = _hf_yarn(result["head_dim"], result["rotary_base"], yarn)
         assert torch.allclose(result["inv_freq"], inv_freq, rtol=1e-6, atol=0), (yarn, result["inv_freq"], inv_freq)
+        assert result["mscale"] == pytest.approx(_megatron_attention_factor(yarn), rel=1e-12), yarn
+        if yarn is YARN_SETTINGS[-1]:  # the one difference: HF needs the factor stated
+            assert result["mscale"] != pytest.approx(attention_factor, rel=1e-3)
+            _, attention_factor = _hf_yarn(result["head_dim"], result["rotary_base"], yarn,
+                                           attention_factor=_megatron_attention_factor(yarn))
         assert result["mscale"] == pytest.approx(attention_factor, rel=1e-12), yarn
     assert results[1]["mscale"] == 1.0 and results[0]["mscale"] > 1.0
     # the ramp's rounding matters (a test that cannot tell truncate on from off proves nothing)
