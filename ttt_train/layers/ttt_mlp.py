@@ -14,6 +14,13 @@ Per-token document ids travel from `GPTModel.forward(..., padding_mask=doc_ids)`
 recompute; dense models use it for nothing else). The `input_embed` source travels as the
 transformer block's `context` argument (unused by self-attention-only GPT layers), which
 `TTTTransformerLayer` hands to its MLP; `ttt_train.training.step.forward_step` supplies both.
+
+Collectives, each entered by every rank of its group whatever the documents: over TP, the target's
+gradient all-reduce, the sequence gathers (source, doc ids) and the output reduction under SP, the
+clip-norm all-reduces (one per update, forward and backward: their number follows the chunk plan,
+so TP ranks must see the same doc ids, as they see the same micro-batch) and one all-reduce of the
+statistics per forward; over CP, the prefix scan, forward and (the correction being added on every
+rank, masked) backward.
 """
 
 from __future__ import annotations

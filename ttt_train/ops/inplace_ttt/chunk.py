@@ -274,7 +274,8 @@ def inplace_ttt(z: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, chunk
     ``clip(lr * V_j^T Z_j)`` of that document's tokens of each earlier chunk ``j``. ``doc_ids``
     ``[B, T]`` (non-decreasing ints) marks documents; ``max_update_norm`` clips each (chunk,
     document) update to that Frobenius norm; ``norm_group`` is the process group ``h`` is sharded
-    over (tensor parallelism), over which clip norms are summed. With ``output_final_state`` also
+    over (tensor parallelism), over which clip norms are summed: one all-reduce per update, so every
+    rank of the group must pass the same ``doc_ids``, ``T`` and ``chunk_size``. With ``output_final_state`` also
     returns the last document's fast weight after the last chunk, ``[B, d, h]`` float32 (float64
     for float64 inputs), differentiable. State and updates accumulate in float32 for half inputs.
     With ``return_stats`` also returns (last) a :class:`TTTStats` (detached, no host sync; one extra
