@@ -270,7 +270,9 @@ def test_round_trip_and_remote_code_loading(family, tmp_path):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, ttt_lr=-1.0)
 
 
-def test_bad_input_is_named():
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match="model_type 'qwen3' has no In-Place TTT modeling code"):
+        write_remote_code(tmp_path, Qwen3Config(**SHAPE))
     with pytest.raises(StrictDataclassError, match=r"config.ttt_layers .*\[0, 3\)"):
         InPlaceTTTQwen3Config(**SHAPE, ttt_mode=True, ttt_layers=[3])
     with pytest.raises(StrictDataclassError, match="config.ttt_target"):

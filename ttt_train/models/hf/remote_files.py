@@ -2,15 +2,14 @@
 
 ``write_remote_code(out_dir, config)`` copies ``configuration_inplace_ttt.py`` and
 ``modeling_inplace_ttt.py`` (from :mod:`ttt_train.models.hf.remote_code`) into ``out_dir`` (atomically)
-and sets ``auto_map`` and ``architectures`` on ``config`` (a config object or a ``config.json`` dict),
-then writes ``out_dir/config.json``. ``AutoModelForCausalLM.from_pretrained(out_dir,
+and sets ``auto_map`` and ``architectures`` on ``config`` (an ``InPlaceTTT*Config``), then writes
+``out_dir/config.json``. ``AutoModelForCausalLM.from_pretrained(out_dir,
 trust_remote_code=True)`` then loads ``InPlaceTTTQwen3ForCausalLM`` / ``InPlaceTTTLlamaForCausalLM``;
 without ``trust_remote_code`` transformers refuses the unknown ``model_type``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -47,21 +46,13 @@ def _atomic_write(path: Path, fill) -> None:
 
 def write_remote_code(out_dir, config):
     """Copy the modeling files into ``out_dir``, set ``auto_map`` and ``architectures`` on ``config``
-    (an ``InPlaceTTT*Config`` or a ``config.json`` dict with ``model_type``), write ``config.json``;
-    return ``config``."""
-    is_dict = isinstance(config, dict)
-    model_type = config.get("model_type") if is_dict else getattr(config, "model_type", None)
-    amap = auto_map(model_type)
+    (an ``InPlaceTTTQwen3Config`` / ``InPlaceTTTLlamaConfig``), write ``config.json``; return ``config``."""
+    amap = auto_map(getattr(config, "model_type", None))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in REMOTE_FILES:
         _atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(REMOTE_CODE_DIR / name, tmp))
-    arch = [CLASSES[model_type][1]]
-    if is_dict:
-        config["auto_map"], config["architectures"] = amap, arch
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    else:
-        config.auto_map, config.architectures = amap, arch
-        text = config.to_json_string(use_diff=True)
+    config.auto_map, config.architectures = amap, [CLASSES[config.model_type][1]]
+    text = config.to_json_string(use_diff=True)
     _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     return config
