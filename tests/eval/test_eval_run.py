@@ -170,3 +170,9 @@ def test_command_line(tmp_path, ttt_dir, monkeypatch, capsys):
     main()
     assert "RULER score (x100) by model and length" in capsys.readouterr().out
     assert seen == [(0.5, 1.0)] and len((out / "results.jsonl").read_text().splitlines()) == 2
+
+    monkeypatch.setattr(sys, "argv", ["ttt_train.eval", f"models=[{ttt_dir}]", "samples=0", f"out={out}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: samples=0: an integer >= 1 is needed"]

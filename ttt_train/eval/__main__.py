@@ -1,6 +1,7 @@
 """`python -m ttt_train.eval models=[DIR_A,DIR_B] suite=ruler lengths=[4096,8192] samples=8 out=runs/eval/x`
 (Hydra; configs/eval/eval.yaml and configs/eval/suite/*.yaml)."""
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs" / "eval")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

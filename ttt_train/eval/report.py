@@ -44,7 +44,7 @@ def _plot(path: Path, panels: dict[str, dict[str, list[tuple[float, float]]]], x
 
     columns = min(len(panels), 4)
     rows = math.ceil(len(panels) / columns)
-    fig = Figure(figsize=(4 * columns, 3.4 * rows))
+    fig = Figure(figsize=(4 * columns, 3.4 * rows) if len(panels) > 1 else (6.4, 4.4))
     fig.subplots_adjust(left=0.06 if columns > 1 else 0.15, right=0.98, bottom=0.12 if rows > 1 else 0.15,
                         top=0.93 if rows > 1 else 0.9, hspace=0.45, wspace=0.3)
     for i, (title, lines) in enumerate(panels.items()):

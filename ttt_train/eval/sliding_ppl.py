@@ -102,15 +102,15 @@ def run_sliding_ppl(cfg: dict, entries: list[ModelEntry], contexts: dict[str, in
     """Evaluate what `results` lacks (records per model, kind, length and document)."""
     suite = cfg["suite"]
     block, batch_size = suite["block"], cfg["batch_size"]
-    longest_model = max(contexts.values())
-    wanted = cfg["lengths"] if cfg["lengths"] is not None else auto_contexts(block, longest_model)
     documents = Documents(suite["dataset"], [e.hf_dir for e in entries])
+    longest = min(max(contexts.values()), int(documents.min_lengths.max(initial=0)))
+    wanted = cfg["lengths"] if cfg["lengths"] is not None else auto_contexts(block, longest)
     evaluated = {e.label: [c for c in wanted if c + block <= contexts[e.label]] for e in entries}
     final_docs = documents.pick(block + max(max(cs, default=0) for cs in evaluated.values()), cfg["samples"],
                                 "the final block with the longest context")
     plan: dict[str, list[tuple[str, int, list[int]]]] = {}
     for entry in entries:
-        position_length = min(suite["position_length"] or longest_model, contexts[entry.label])
+        position_length = min(suite["position_length"] or longest, contexts[entry.label])
         position_docs = documents.pick(position_length, cfg["samples"], "loss by position")
         todo = [("final_block", c, final_docs) for c in evaluated[entry.label]]
         todo.append(("position", position_length, position_docs))
