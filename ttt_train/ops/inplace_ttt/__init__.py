@@ -1,6 +1,7 @@
-"""In-Place TTT down-projection: fast path (:func:`inplace_ttt`), reference, update sums."""
+"""In-Place TTT down-projection: fast path (:func:`inplace_ttt`), reference, per-call statistics (:class:`TTTStats`)."""
 
 from .chunk import inplace_ttt
+from .common import TTTStats
 from .naive import inplace_ttt_reference
 
-__all__ = ["inplace_ttt", "inplace_ttt_reference"]
+__all__ = ["TTTStats", "inplace_ttt", "inplace_ttt_reference"]
