@@ -259,3 +259,22 @@ def test_bf16_checkpoint_exports_bf16_safetensors(tmp_path):
     out = SafetensorsFolder(tmp_path / "out")
     assert {t.dtype for _, t in out.iter_tensors(out.names())} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_export_name_check_names_what_is_missing_or_left_over():
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import load_model_config
+    from ttt_train.models.hf.exporter import check_names, hf_config
+    from ttt_train.models.hf.gpt_family import expected_hf_shapes, tensor_maps
+
+    model_cfg, ttt = load_model_config("tiny"), TTTConfig(layers=[1], chunk_size=8)
+    shapes = {name: shape for tm in tensor_maps(model_cfg, [1])
+              for name, shape in zip(tm.hf, expected_hf_shapes(tm, model_cfg, ttt.conv_size))}
+    config = hf_config(model_cfg, ttt)
+    check_names(config, ttt, "qwen3", shapes)  # complete: passes
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.ttt_proj.weight'\]"):
+        check_names(config, ttt, "qwen3", {k: v for k, v in shapes.items() if "ttt_proj" not in k})
+    with pytest.raises(ValueError, match=r"wrong shape \[\('model.norm.weight', \(63,\), \(64,\)\)\]"):
+        check_names(config, ttt, "qwen3", shapes | {"model.norm.weight": (63,)})
+    with pytest.raises(ValueError, match=r"left over \['model.layers.1.mlp.ttt_conv.weight', 'model.layers.1.mlp.ttt_proj"):
+        check_names(hf_config(model_cfg, None), None, "qwen3", shapes)
