@@ -1,5 +1,6 @@
 """lm-evaluation-harness runs an exported In-Place TTT directory offline (`--model hf` with
-trust_remote_code) on a local multiple-choice task, and its loglikelihoods are the model's own."""
+trust_remote_code) on local tasks: its loglikelihoods (multiple choice) and greedy continuations
+(generate_until, left-padded batches, across TTT chunk boundaries) are the model's own."""
 
 import json
 
@@ -33,6 +34,26 @@ metric_list:
 """
 
 
+GEN_YAML = """\
+task: ttt_local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: " {{{{choices[0]}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
 def own_loglikelihood(model, context: str, continuation: str) -> float:
     """sum log p(continuation | context) with the byte tokenizer (token ids are the UTF-8 bytes)."""
     ctx, cont = list(context.encode()), list(continuation.encode())
@@ -50,12 +71,13 @@ def test_local_task_loglikelihoods_equal_the_models(tmp_path, ttt_dir, monkeypat
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "ttt_local_mc.yaml").write_text(TASK_YAML.format(data=data, cache=tmp_path / "cache"))
+    (tasks / "ttt_local_gen.yaml").write_text(GEN_YAML.format(data=data, cache=tmp_path / "cache"))
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     results = simple_evaluate(
-        model="hf", model_args=f"pretrained={ttt_dir},trust_remote_code=True,dtype=float32", tasks=["ttt_local_mc"],
+        model="hf", model_args=f"pretrained={ttt_dir},trust_remote_code=True,dtype=float32", tasks=["ttt_local_mc", "ttt_local_gen"],
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=2, device="cpu", log_samples=True,
     )
     samples = results["samples"]["ttt_local_mc"]
@@ -68,3 +90,13 @@ def test_local_task_loglikelihoods_equal_the_models(tmp_path, ttt_dir, monkeypat
             assert float(resp[0][0]) == pytest.approx(own_loglikelihood(model, context, continuation), abs=1e-4)
             checked += 1
     assert checked == sum(len(d["choices"]) for d in DOCS)
+
+    # generation (left-padded batches of 2): lm-eval's continuations are the model's own greedy ones
+    from ttt_train.eval.generation import greedy_generate
+    from ttt_train.eval.models import load_model
+
+    model, tokenizer = load_model(ttt_dir, dtype="float32", device="cpu")
+    generated = results["samples"]["ttt_local_gen"]
+    prompts = [g["arguments"][0][0] for g in generated]
+    own = greedy_generate(model, tokenizer, prompts, 12)
+    assert [g["resps"][0][0] for g in generated] == [text.split("\n\n")[0] for text in own]

@@ -68,7 +68,8 @@ def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], re
         return
     haystack = make_haystack(suite["haystack"], suite["haystack_path"])
     metric = METRICS[suite["metric"]]
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="ruler", dynamic_ncols=True)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="ruler", dynamic_ncols=True)  # ETA by tokens
+    done, count = 0, sum(map(len, plan.values()))
     for entry in entries:
         todo = plan[entry.label]
         if not todo:
@@ -100,7 +101,8 @@ def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], re
                         "prompt_tokens": sample.prompt_tokens,
                     })
                     bar.update(length)
-                bar.set_postfix_str(f"{entry.label} {task} {length}")
+                    done += 1
+                bar.set_postfix_str(f"{done}/{count} samples, {entry.label} {task} {length}")
         del model
         gc.collect()
     bar.close()
