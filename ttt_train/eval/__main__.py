@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from ttt_train.eval.run import evaluate
 
@@ -16,8 +17,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs" / "eval")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, MissingMandatoryValue) as err:  # bad input
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
 
 
