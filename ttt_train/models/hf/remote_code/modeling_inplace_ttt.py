@@ -188,7 +188,7 @@ class InPlaceTTTMLP(nn.Module):
             raise RuntimeError("InPlaceTTTMLP runs only inside its In-Place TTT model's forward (it needs the "
                                "attention mask, the cache and the token embeddings)")
         z = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-        src = step.embeds if self.config.ttt_target == "input_embed" else x
+        src = step.embeds.to(x.device) if self.config.ttt_target == "input_embed" else x  # device_map: any GPU
         st = None
         if step.cache is not None:
             st = step.cache.ttt_state.get(self.layer_idx)
@@ -211,7 +211,7 @@ class InPlaceTTTMLP(nn.Module):
             return None
         delta = st["delta"]
         corr = torch.bmm(z.to(sdt), delta.transpose(1, 2)) if delta is not None else None
-        idx = step.pos.unsqueeze(-1)
+        idx = step.pos.to(z.device).unsqueeze(-1)
         st["z"].scatter_(1, idx.expand(-1, -1, z.shape[-1]), z.to(st["z"].dtype))
         st["x"].scatter_(1, idx.expand(-1, -1, src.shape[-1]), src.to(st["x"].dtype))
         rows = step.complete_rows[0]
@@ -231,7 +231,7 @@ class InPlaceTTTMLP(nn.Module):
         zc, xc = z.new_zeros(B, n * C + 1, h, dtype=sdt), z.new_zeros(B, n * C + 1, d, dtype=sdt)
         if st is not None:
             zc[:, :C], xc[:, :C] = st["z"][:, :C], st["x"][:, :C]
-        idx = step.pos.unsqueeze(-1)
+        idx, complete = step.pos.to(z.device).unsqueeze(-1), step.complete.to(z.device)
         zc.scatter_(1, idx.expand(-1, -1, h), z.to(sdt))
         xc.scatter_(1, idx.expand(-1, -1, d), src.to(sdt))
         state = st["delta"] if st is not None else None
@@ -240,12 +240,12 @@ class InPlaceTTTMLP(nn.Module):
             zi = zc[:, c * C:(c + 1) * C]
             outs.append(torch.bmm(zi, state.transpose(1, 2)) if state is not None else zi.new_zeros(B, C, d))
             if step.complete_rows[c] and (c < n - 1 or st is not None):
-                u = self.update(zi, xc[:, c * C:(c + 1) * C]).where(step.complete[:, c, None, None], 0.0)
+                u = self.update(zi, xc[:, c * C:(c + 1) * C]).where(complete[:, c, None, None], 0.0)
                 state = u if state is None else state + u
         outs.append(zc.new_zeros(B, 1, d))  # the scratch slot of padding tokens
         corr = torch.cat(outs, 1).gather(1, idx.expand(-1, -1, d))
         if st is not None:
-            keep = (step.tail.unsqueeze(1) + torch.arange(C + 1, device=z.device)).clamp_max(n * C).unsqueeze(-1)
+            keep = (step.tail.to(z.device).unsqueeze(1) + torch.arange(C + 1, device=z.device)).clamp_max(n * C).unsqueeze(-1)
             st["z"] = zc.gather(1, keep.expand(-1, -1, h)).to(st["z"].dtype)
             st["x"] = xc.gather(1, keep.expand(-1, -1, d)).to(st["x"].dtype)
             st["delta"] = state
