@@ -136,7 +136,7 @@ def run(cfg, stages: list[Stage], flags) -> int:
     writer = MetricsWriter(run_dir, cfg.logging.wandb, cfg.run.name, OmegaConf.to_container(cfg, resolve=True),
                            wandb_id, enabled=rank == 0)
     flags.shield_checkpoint_writer()
-    code, state = 0, "finished"
+    code, state, error = 0, "finished", None
     try:
         for stage in stages[start:]:
             built = build(stage, cfg.validation)
@@ -159,13 +159,13 @@ def run(cfg, stages: list[Stage], flags) -> int:
         else:
             writer.print(f"{cfg.run.name}: finished all {len(stages)} stages; run folder {run_dir}")
     except NonFiniteError as err:
-        code, state = EXIT_FAILED, "failed"
+        code, state, error = EXIT_FAILED, "failed", str(err)
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
     finally:
         writer.close()
     if rank == 0:
-        _write_status(run_dir, state=state, exit_code=code)
+        _write_status(run_dir, state=state, exit_code=code, **({"error": error} if error else {}))
     return code
 
 
