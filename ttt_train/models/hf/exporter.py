@@ -160,7 +160,7 @@ def build_export_model(checkpoint_path):
         raise RuntimeError("export runs in a single process (it reshards to TP=1, PP=1); start it without torchrun")
     parallel = ParallelConfig()
     initialize(parallel)
-    config = to_transformer_config(model_cfg, parallel, dtype="fp32")
+    config = to_transformer_config(model_cfg, parallel, dtype="fp32", perform_initialization=False)  # all loaded
     gpt = build_gpt_model(model_cfg, config, ttt=ttt)
     load_checkpoint(info["path"], [gpt], strict=True)
     return gpt, model_cfg, ttt, info

@@ -109,7 +109,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, parallel: ParallelConfig |
     parallel = parallel or ParallelConfig()
     model_cfg, ttt = resolve_configs(hf_dir, preset, ttt)
     initialize(parallel)
-    config = to_transformer_config(model_cfg, parallel)
+    # every parameter is then written from the folder (or is a TTT target, initialised by its own
+    # module): skip megatron's random initialisation, the slowest part of building a large model
+    config = to_transformer_config(model_cfg, parallel, perform_initialization=False)
     chunks = [build_gpt_model(model_cfg, config, ttt=ttt)]
     load_hf_weights(hf_dir, chunks, model_cfg, ttt, progress=progress)
     tokenizer_dir = _broadcast(_write_side_files(hf_dir, out, model_cfg, ttt) if dist.get_rank() == 0 else None)
