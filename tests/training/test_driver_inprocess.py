@@ -64,10 +64,11 @@ def test_nonfinite_steps_are_skipped_then_stop_without_checkpoint(tmp_path, data
 
 
 def _tiny_hf(folder, layers: int):
-    """A random transformers Qwen3 with the `tiny` preset's shape (4 layers fit it, 3 do not)."""
+    """A random transformers Qwen3 with the `tiny` preset's shape (4 layers fit it, 3 do not) and a
+    vocabulary megatron does not pad (pad rows would join the softmax with their own random weights)."""
     from tests.hf.test_convert_import import make_hf_model
 
-    return make_hf_model(folder, layers=layers, vocab_size=320, intermediate_size=128, head_dim=16,
+    return make_hf_model(folder, layers=layers, vocab_size=384, intermediate_size=128, head_dim=16,
                          rope={"rope_type": "default", "rope_theta": 1000000.0})
 
 
@@ -98,7 +99,7 @@ def test_init_hf_starts_from_the_hf_weights(tmp_path, data, capsys):
     from ttt_train import train
 
     mismatched = _tiny_hf(tmp_path / "hf3", layers=3)
-    overrides = one_rank(tmp_path / "run", data, (1, 1), "model.sliding_window=null")
+    overrides = one_rank(tmp_path / "run", data, (1, 1), "model.sliding_window=null", "model.vocab_size=384")
     assert train.main([*overrides, f"init.hf={mismatched}"]) == train.EXIT_REFUSED
     assert "model.num_layers" in capsys.readouterr().err
 
