@@ -41,7 +41,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     header = next(line for line in out.splitlines() if line.strip().startswith("run "))
     for column in ("ctx1k loss", "ctx4k loss", "recall@1024", "recall@2048", "ctx1k tok/s", "ctx4k tok/s"):
         assert column in header
-    assert re.search(r"^ +TTT .*%", out, flags=re.M) and re.search(r"^ +baseline .*%", out, flags=re.M)
+    assert re.search(r"^ *TTT .*%", out, flags=re.M) and re.search(r"^ *baseline .*%", out, flags=re.M)
     assert re.search(r"^TTT (beats|does not beat) baseline at this scale|^mixed result", out, flags=re.M)
     runs = tmp_path / "runs" / "demo"
     assert (runs / "summary.md").read_text().strip() in out

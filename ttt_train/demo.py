@@ -62,25 +62,26 @@ def torchrun(nproc: int, module: str, args: list[str]) -> None:
     run(["torchrun", *launcher], [sys.executable, "-m", "torch.distributed.run", *launcher])
 
 
-def final_checkpoint(run_dir: Path) -> Path:
-    """The last stage's newest checkpoint of a finished run."""
+def final_checkpoint(run_dir: Path) -> tuple[Path, Path]:
+    """The last stage's checkpoint root of a finished run and the iter_* folder its `latest` names."""
     from ttt_train.training.checkpoint import latest_checkpoint
 
-    stages = sorted((run_dir / "stages").glob("*/checkpoints"))
-    path = latest_checkpoint(stages[-1]) if stages else None
+    roots = sorted((run_dir / "stages").glob("*/checkpoints"))
+    path = latest_checkpoint(roots[-1]) if roots else None
     if path is None:
         raise CommandFailed(f"{run_dir}: no final checkpoint under {run_dir / 'stages'}")
-    return path.resolve()
+    return roots[-1], path.resolve()
 
 
-def export(checkpoint: Path, hf_dir: Path) -> bool:
-    """Export `checkpoint` to `hf_dir` unless it was exported from it already; True if exported now."""
+def export(root: Path, checkpoint: Path, hf_dir: Path) -> bool:
+    """Export the checkpoint root `root` (whose latest is `checkpoint`) to `hf_dir` unless it was
+    exported from `checkpoint` already; True if exported now."""
     marker = hf_dir.with_name(hf_dir.name + ".source")
     if (hf_dir / "config.json").is_file() and marker.is_file() and marker.read_text() == str(checkpoint):
         print(f"# {hf_dir}: exported from {checkpoint} already")
         return False
     shutil.rmtree(hf_dir, ignore_errors=True)
-    python_module("ttt_train.convert", ["export", "--checkpoint", str(checkpoint), "--out", str(hf_dir)])
+    python_module("ttt_train.convert", ["export", "--checkpoint", str(root), "--out", str(hf_dir)])
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(str(checkpoint))
     os.replace(tmp, marker)
@@ -127,9 +128,9 @@ def summarise(metrics: dict[str, dict], recall: list[dict], position: list[dict]
             row[f"recall@{r['length']}"] = f"{float(r['average']):.0f}%"
         for name, m in stages.items():
             row[f"{name} tok/s"] = _fmt(m["tokens_per_s"], 0)
-        pos = [r for r in position if r["model"] == label]
-        if pos:
-            row["held-out loss, last bucket"] = _fmt(float(pos[-1]["loss"]), 3)
+        buckets = [r for r in position if r["model"] == label]
+        for r in buckets[:1] + buckets[1:][-1:]:  # the first and the last position bucket
+            row[f"held-out loss @{r['position_start']}-{r['position_end']}"] = _fmt(float(r["loss"]), 3)
         last = list(stages.values())[-1]
         scores[label] = {
             "recall": statistics.mean(float(r["average"]) for r in mine) if mine else None,
@@ -156,7 +157,8 @@ def verdict(scores: dict, ttt: str, base: str) -> str:
     parts, margins = [], []  # margin > 0: TTT better
     if t["recall"] is not None and b["recall"] is not None:
         margins.append(t["recall"] - b["recall"])
-        parts.append(f"mean passkey recall {t['recall']:.0f}% ({ttt}) vs {b['recall']:.0f}% ({base})")
+        none = " (neither model retrieved a single pass key)" if t["recall"] == b["recall"] == 0 else ""
+        parts.append(f"mean passkey recall {t['recall']:.0f}% ({ttt}) vs {b['recall']:.0f}% ({base}){none}")
     if t["loss"] is not None and b["loss"] is not None:
         margins.append(b["loss"] - t["loss"])
         parts.append(f"final-stage loss {t['loss']:.3f} ({ttt}) vs {b['loss']:.3f} ({base})")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for experiment in cfg["runs"].values():
             torchrun(cfg["nproc_per_node"], "ttt_train.train",
                      [f"experiment={experiment}", f"run.dir={out / experiment}", *cfg["train_overrides"]])
-        exported = [export(final_checkpoint(out / e), out / "hf" / e) for e in cfg["runs"].values()]
+        exported = [export(*final_checkpoint(out / e), out / "hf" / e) for e in cfg["runs"].values()]
         if any(exported):  # results of the previous models would be reused by the resumable eval
             shutil.rmtree(out / "eval", ignore_errors=True)
         models = ",".join(str(out / "hf" / e) for e in cfg["runs"].values())
