@@ -52,14 +52,24 @@ class SafetensorsFolder:
         with safe_open(self.dir / self.file_of[name], framework="pt") as f:
             return tuple(f.get_slice(name).get_shape())
 
-    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) for `names`, file by file (each file opened once)."""
+    def iter_tensors(self, names: Iterable[str], reopen_bytes: int = 1 << 29) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for `names`, file by file.
+
+        The files are memory-mapped: the pages a tensor was read from stay resident (file-backed)
+        until the file is closed, so a file is reopened after every `reopen_bytes` read; the resident
+        memory of the mapping stays below that instead of growing to the checkpoint's size."""
         by_file = defaultdict(list)
         for name in names:
             by_file[self.file_of[name]].append(name)
         from safetensors import safe_open
 
         for file in sorted(by_file):
-            with safe_open(self.dir / file, framework="pt") as f:
-                for name in by_file[file]:
-                    yield name, f.get_tensor(name)
+            pending = by_file[file][::-1]
+            while pending:
+                read = 0
+                with safe_open(self.dir / file, framework="pt") as f:
+                    while pending and read < reopen_bytes:
+                        name = pending.pop()
+                        tensor = f.get_tensor(name)
+                        read += tensor.numel() * tensor.element_size()
+                        yield name, tensor
