@@ -51,7 +51,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     for experiment in ("tiny_ttt", "tiny_base"):
         assert (runs / "hf" / experiment / "config.json").is_file()
         offline = list((runs / experiment / "wandb").glob("offline-run-*"))
-        assert offline and f"wandb sync {offline[0]}" in out
+        assert offline and f"wandb sync {offline[0].relative_to(tmp_path)}" in out
 
     again = demo(tmp_path)  # everything is done: nothing is regenerated, retrained or re-exported
     assert "$ python -m data_tools.synthetic" not in again and "$ python -m ttt_train.convert" not in again

@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ttt_train.training.preemption import EXIT_PREEMPTED
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
@@ -49,6 +51,8 @@ def run(shown: list[str], argv: list[str]) -> None:
     """Print `shown` (the command as a user types it) and run `argv` (the same in this interpreter)."""
     print(f"$ {shlex.join(shown)}", flush=True)
     code = subprocess.call(argv)
+    if code == EXIT_PREEMPTED:
+        raise CommandFailed(f"saved and stopped early (exit code {code}) in: {shlex.join(shown)}; rerun to continue")
     if code != 0:
         raise CommandFailed(f"exit code {code} from: {shlex.join(shown)}")
 
@@ -173,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    cfg = compose(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"demo: {' '.join(str(err).split())} (configs/demo/demo.yaml)", file=sys.stderr)
+        return 2
     out = Path(cfg["out"])
     labels = list(cfg["runs"])
     try:
@@ -203,9 +214,10 @@ def report(cfg: dict, out: Path, labels: list[str]) -> None:
     """Print the table and where everything is; write it to OUT/summary.md."""
     metrics = {label: stage_metrics(out / e / "metrics.jsonl") for label, e in cfg["runs"].items()}
     evals = out / "eval"
-    recall = read_csv(evals / "recall" / "ruler_scores.csv") if (evals / "recall" / "ruler_scores.csv").is_file() else []
-    position_csv = evals / "position" / "loss_by_position.csv"
-    position = read_csv(position_csv) if position_csv.is_file() else []
+    recall = [r for name in cfg["eval"] if (evals / name / "ruler_scores.csv").is_file()
+              for r in read_csv(evals / name / "ruler_scores.csv")]
+    position = [r for name in cfg["eval"] if (evals / name / "loss_by_position.csv").is_file()
+                for r in read_csv(evals / name / "loss_by_position.csv")]
     rows, scores = summarise(metrics, recall, position)
     lines = [table(rows), ""]
     if len(labels) >= 2:
