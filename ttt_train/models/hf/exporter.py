@@ -167,11 +167,13 @@ def build_export_model(checkpoint_path):
 
 
 def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, tolerance: float = 1e-3,
-                      max_shard_size: str = "5GB", max_position_embeddings: int | None = None,
+                      max_shard_size: str = "1GB", max_position_embeddings: int | None = None,
                       dtype: str | None = None) -> Path:
     """Write the HF folder `out_dir` from a checkpoint (iter_* folder or root with `latest`); return it.
 
     dtype: "fp32" / "bf16" for the safetensors (default: the manifest's training dtype).
+    max_shard_size: safetensors serialises a whole shard in memory, so the peak is about the model
+    plus one shard.
     max_position_embeddings: the trained context length written to config.json (default: the
     model config's). Verification compares logits of the loaded export with the megatron model's.
     """
