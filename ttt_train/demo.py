@@ -193,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {item['prefix']}: present")
             else:
                 python_module("data_tools.synthetic", [*map(str, item["args"]), "--output-prefix", item["prefix"]])
-        for experiment in cfg["runs"].values():
-            torchrun(cfg["nproc_per_node"], "ttt_train.train",
-                     [f"experiment={experiment}", f"run.dir={out / experiment}", *cfg["train_overrides"]])
-        exported = [export(*final_checkpoint(out / e), out / "hf" / e) for e in cfg["runs"].values()]
+        for run_cfg in cfg["runs"].values():
+            experiment = run_cfg["experiment"]
+            torchrun(cfg["nproc_per_node"], "ttt_train.train", [f"experiment={experiment}", f"run.dir={out / experiment}",
+                                                               *cfg["train_overrides"], *run_cfg["overrides"]])
+        experiments = [r["experiment"] for r in cfg["runs"].values()]
+        exported = [export(*final_checkpoint(out / e), out / "hf" / e) for e in experiments]
         if any(exported):  # results of the previous models would be reused by the resumable eval
             shutil.rmtree(out / "eval", ignore_errors=True)
-        models = ",".join(str(out / "hf" / e) for e in cfg["runs"].values())
+        models = ",".join(str(out / "hf" / e) for e in experiments)
         for name, args in cfg["eval"].items():
             python_module("ttt_train.eval", [f"models=[{models}]", f"labels=[{','.join(labels)}]",
                                              f"out={out / 'eval' / name}", *args])
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(cfg: dict, out: Path, labels: list[str]) -> None:
     """Print the table and where everything is; write it to OUT/summary.md."""
-    metrics = {label: stage_metrics(out / e / "metrics.jsonl") for label, e in cfg["runs"].items()}
+    experiments = {label: r["experiment"] for label, r in cfg["runs"].items()}
+    metrics = {label: stage_metrics(out / e / "metrics.jsonl") for label, e in experiments.items()}
     evals = out / "eval"
     recall = [r for name in cfg["eval"] if (evals / name / "ruler_scores.csv").is_file()
               for r in read_csv(evals / name / "ruler_scores.csv")]
@@ -230,9 +233,9 @@ def report(cfg: dict, out: Path, labels: list[str]) -> None:
         "",
         "where everything is:",
         *[f"  {label}: run folder {out / e} (config.yaml, metrics.jsonl, stages/*/checkpoints), "
-          f"HF export {out / 'hf' / e}" for label, e in cfg["runs"].items()],
+          f"HF export {out / 'hf' / e}" for label, e in experiments.items()],
         *[f"  plots: {p}" for p in sorted(evals.glob("*/*.png"))],
-        *[f"  wandb offline run: wandb sync {p}" for e in cfg["runs"].values()
+        *[f"  wandb offline run: wandb sync {p}" for e in experiments.values()
           for p in sorted((out / e / "wandb").glob("offline-run-*"))],
     ]
     text = "\n".join(lines)
