@@ -51,3 +51,21 @@ def test_device_mapping():
     assert cpu_compat._cpu_device(0) == "cpu"
     assert cpu_compat._cpu_device("cpu") == "cpu"
     assert cpu_compat._cpu_device(True) is True
+
+
+def _device_context_after_patches() -> tuple[str, str]:
+    """In a fresh process whose torch device context is first used after the patches: where a
+    `torch.device("meta")` context puts a factory result and a module's parameters."""
+    import torch
+
+    cpu_compat.apply()
+    with torch.device("meta"):
+        return str(torch.arange(4.0).device), str(torch.nn.Linear(3, 3).weight.device)
+
+
+@pytest.mark.slow
+def test_device_context_still_works_after_the_factory_patch():
+    # transformers' from_pretrained builds models under torch.device("meta"); with P2's wrappers cached
+    # as torch's "constructors", the context was silently ignored (models built and initialised on the
+    # CPU, rotary buffers left uninitialised after loading)
+    assert run_local_ranks(_device_context_after_patches, 1, timeout=120) == [("meta", "meta")]

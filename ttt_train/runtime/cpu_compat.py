@@ -114,6 +114,13 @@ def _apply_one(patch_id: str) -> None:
     if patch_id == "P1":
         torch.cuda.current_device = lambda: "cpu"
     elif patch_id == "P2":
+        # torch's device context (`with torch.device("meta")`, used by transformers' loading) redirects
+        # only the functions in its lazily cached constructor set; cache the original factories (the ones
+        # the wrappers call) before wrapping, or a later first use caches the wrappers and the context
+        # is silently ignored.
+        from torch.utils import _device
+
+        _device._device_constructors()
         for name in FACTORIES:
             factory = getattr(torch, name)
             if not getattr(factory, "__wrapped_for_cpu__", False):

@@ -11,7 +11,6 @@ The folder appears atomically (written beside it, then renamed).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -66,32 +65,9 @@ def hf_model_class(config, ttt: TTTConfig | None, family: str):
     return remote_classes(family)[1]
 
 
-@contextlib.contextmanager
-def meta_device():
-    """`torch.device("meta")` that also works after `cpu_compat`'s P2: P2 wraps torch's factory functions,
-    and torch's device context only redirects the functions it cached as constructors, so under the
-    wrappers a "meta" model is silently built (and randomly initialised) on the CPU. The original
-    factories are restored, and torch's constructor cache rebuilt, for the duration."""
-    from torch.utils import _device
-
-    from ttt_train.runtime.cpu_compat import FACTORIES
-
-    wrapped = {name: fn for name in FACTORIES if getattr(fn := getattr(torch, name), "__wrapped_for_cpu__", False)}
-    for name, fn in wrapped.items():
-        setattr(torch, name, fn.__wrapped__)
-    _device._device_constructors.cache_clear()
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in wrapped.items():
-            setattr(torch, name, fn)
-        _device._device_constructors.cache_clear()
-
-
 def check_names(config, ttt: TTTConfig | None, family: str, shapes: dict[str, tuple]) -> None:
     """Our tensor names and shapes must be exactly the HF class's (built on the meta device)."""
-    with meta_device():
+    with torch.device("meta"):  # cpu_compat P2 keeps this context working (it caches the originals)
         model = hf_model_class(config, ttt, family)(config)
     if next(model.parameters()).device.type != "meta":
         raise RuntimeError("the HF model for the name check was not built on the meta device")

@@ -90,15 +90,8 @@ def compare_logits(model_chunks, prompts: list[torch.Tensor], hf_logits: Callabl
 
 
 def load_causal_lm(loader: Callable, *args, **kwargs):
-    """`loader(*args, **kwargs)` (a transformers `from_pretrained`), then the rotary `inv_freq` buffers
-    recomputed. In a process where megatron's CPU patches are active (`cpu_compat`), transformers'
-    meta-device loading leaves these non-persistent buffers uninitialised (garbage cos/sin)."""
-    model = loader(*args, **kwargs)
-    with torch.no_grad():
-        for module in model.modules():
-            if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
-                model._init_weights(module)
-    return model.eval()
+    """`loader(*args, **kwargs)` (a transformers `from_pretrained`) in evaluation mode."""
+    return loader(*args, **kwargs).eval()
 
 
 def hf_model_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
