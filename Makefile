@@ -7,7 +7,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench bench-ops bench-driver bench-convert clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,21 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check ttt_train data_tools tests
 
+# Speed and memory, TTT vs baseline (configs/bench/bench.yaml): prefill, train step, decode -> runs/bench/.
 bench: setup
+	$(PY) -m ttt_train.bench
+
+# The In-Place TTT op alone against a plain MLP and the materialised form.
+bench-ops: setup
 	$(PY) -m ttt_train.ops.bench --json
+
+# The training driver's overhead against a bare run_step loop.
+bench-driver: setup
+	$(PY) -m ttt_train.training.overhead_bench
+
+# Peak memory and time of HF import/export of a random 0.6B Qwen3 (writes ~6 GB to a temporary folder).
+bench-convert: setup
+	$(PY) -m ttt_train.models.hf.bench_convert dir=$$(mktemp -d)/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
