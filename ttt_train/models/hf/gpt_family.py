@@ -130,9 +130,14 @@ def local_shard(tm: TensorMap, full: torch.Tensor, param: torch.Tensor, tp_rank:
         padded = param.shape[0] * tp_size
         if full.shape[0] < padded:
             full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+    if tuple(full.shape) == tuple(param.shape):  # replicated over tensor parallelism (or tp == 1)
         return full
-    dim = param.partition_dim
+    # the one dimension split over the TP ranks (megatron's `partition_dim` attribute is not set on
+    # parameters built with perform_initialization=False, so it is read off the shapes)
+    dim = next(i for i, (whole, part) in enumerate(zip(full.shape, param.shape)) if whole != part)
+    if full.shape[dim] != param.shape[dim] * tp_size:
+        raise ValueError(f"{tm.megatron}: full shape {list(full.shape)} does not split over tp={tp_size} into "
+                         f"{list(param.shape)}")
     if tm.kind == "fc1":
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]])
