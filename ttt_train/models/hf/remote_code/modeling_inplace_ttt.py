@@ -197,10 +197,9 @@ class InPlaceTTTMLP(nn.Module):
                 st = step.cache.ttt_state[self.layer_idx] = {
                     "delta": None, "z": z.new_zeros(B, C + 1, z.shape[-1]), "x": src.new_zeros(B, C + 1, src.shape[-1])}
         sdt = state_dtype(z.dtype)
-        if step.n_chunks == 1:
-            corr = self._within_chunk(z, src, st, sdt)
-        else:
-            corr = self._across_chunks(z, src, st, sdt)
+        if step.n_chunks > 1:
+            return self._across_chunks(z, src, st, sdt).to(z.dtype)
+        corr = self._within_chunk(z, src, st, sdt)
         out = self.down_proj(z)
         return out if corr is None else out + corr.to(out.dtype)
 
@@ -225,7 +224,8 @@ class InPlaceTTTMLP(nn.Module):
 
     def _across_chunks(self, z, src, st, sdt):
         """General case: lay the pending and new tokens out on the compact chunk axis and walk its chunks
-        (one GEMM pair per chunk, one ``[B, d, h]`` state)."""
+        (one GEMM pair per chunk, one ``[B, d, h]`` state); returns the whole down projection
+        ``z (W_down + state)^T`` ``[B, L, d]`` in the state dtype."""
         step, C, n = self.step, self.step.C, self.step.n_chunks
         B, h, d = z.shape[0], z.shape[-1], src.shape[-1]
         zc, xc = z.new_zeros(B, n * C + 1, h, dtype=sdt), z.new_zeros(B, n * C + 1, d, dtype=sdt)
@@ -235,21 +235,22 @@ class InPlaceTTTMLP(nn.Module):
         zc.scatter_(1, idx.expand(-1, -1, h), z.to(sdt))
         xc.scatter_(1, idx.expand(-1, -1, d), src.to(sdt))
         state = st["delta"] if st is not None else None
+        weight = self.down_proj.weight.to(sdt)  # [d, h]
         outs = []
         for c in range(n):
             zi = zc[:, c * C:(c + 1) * C]
-            outs.append(torch.bmm(zi, state.transpose(1, 2)) if state is not None else zi.new_zeros(B, C, d))
+            outs.append(zi @ weight.t() if state is None else torch.bmm(zi, (weight + state).transpose(1, 2)))
             if step.complete_rows[c] and (c < n - 1 or st is not None):
                 u = self.update(zi, xc[:, c * C:(c + 1) * C]).where(complete[:, c, None, None], 0.0)
                 state = u if state is None else state + u
         outs.append(zc.new_zeros(B, 1, d))  # the scratch slot of padding tokens
-        corr = torch.cat(outs, 1).gather(1, idx.expand(-1, -1, d))
+        out = torch.cat(outs, 1).gather(1, idx.expand(-1, -1, d))
         if st is not None:
             keep = (step.tail.to(z.device).unsqueeze(1) + torch.arange(C + 1, device=z.device)).clamp_max(n * C).unsqueeze(-1)
             st["z"] = zc.gather(1, keep.expand(-1, -1, h)).to(st["z"].dtype)
             st["x"] = xc.gather(1, keep.expand(-1, -1, d)).to(st["x"].dtype)
             st["delta"] = state
-        return corr
+        return out
 
 
 class _InPlaceTTTModel:
