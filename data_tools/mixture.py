@@ -242,17 +242,10 @@ def _main(argv: list[str] | None) -> int:
     with indexed.atomic_outputs(args.output_prefix) as tmp:
         num_units, tokens, largest = indexed.write_documents(tmp, documents(), dtype)
         meta = {
-            "tool": "data_tools.mixture",
-            "tokenizer": tokenizer.spec,
-            "tokenizer_name": tokenizer.name,
-            "tokenizer_fingerprint": tokenizer.fingerprint,
-            "vocab_size": tokenizer.vocab_size,
-            "eod_id": tokenizer.eod_id,
-            "eod_delimited": True,
-            "dtype": dtype.__name__,
-            "documents": num_units,
-            "tokens": tokens,
-            "max_token_id": largest,
+            **indexed.sidecar_fields(
+                "data_tools.mixture", tokenizer, vocab_size=tokenizer.vocab_size, dtype=dtype.__name__,
+                documents=num_units, tokens=tokens, max_token_id=largest,
+            ),
             "seq_length": args.seq_length,
             "min_length": args.min_length,
             "short": args.short,

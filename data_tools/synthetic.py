@@ -103,17 +103,10 @@ def _main(argv: list[str] | None) -> int:
             indexed.write_sidecar(
                 tmp,
                 {
-                    "tool": "data_tools.synthetic",
-                    "tokenizer": tokenizer.spec,
-                    "tokenizer_name": tokenizer.name,
-                    "tokenizer_fingerprint": tokenizer.fingerprint,
-                    "vocab_size": tokenizer.vocab_size,
-                    "eod_id": tokenizer.eod_id,
-                    "eod_delimited": True,
-                    "dtype": dtype.__name__,
-                    "documents": len(documents),
-                    "tokens": tokens,
-                    "max_token_id": largest,
+                    **indexed.sidecar_fields(
+                        "data_tools.synthetic", tokenizer, vocab_size=tokenizer.vocab_size,
+                        dtype=dtype.__name__, documents=len(documents), tokens=tokens, max_token_id=largest,
+                    ),
                     "tasks": args.tasks,
                     "length": args.length,
                     "seed": args.seed,

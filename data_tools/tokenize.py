@@ -207,17 +207,12 @@ def _main(argv: list[str] | None) -> int:
         )
         return 1
     meta = {
-        "tool": "data_tools.tokenize",
-        "tokenizer": tokenizer.spec,
-        "tokenizer_name": args.tokenizer,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "vocab_size": vocab_size,
-        "eod_id": tokenizer.eod_id,
-        "eod_delimited": args.append_eod,
-        "dtype": settings.dtype,
-        "documents": total["documents"],
-        "tokens": total["tokens"],
-        "max_token_id": max(s["max_token_id"] for s in piece_stats),
+        **indexed.sidecar_fields(
+            "data_tools.tokenize", tokenizer, vocab_size=vocab_size, dtype=settings.dtype,
+            documents=total["documents"], tokens=total["tokens"],
+            max_token_id=max(s["max_token_id"] for s in piece_stats), eod_delimited=args.append_eod,
+            tokenizer_name=args.tokenizer,
+        ),
         "inputs": [os.path.abspath(p) for p in files],
         "text_field": args.text_field,
         "skipped": dict(problems.counts),

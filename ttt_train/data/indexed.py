@@ -130,6 +130,16 @@ def read_sidecar(prefix: str) -> dict | None:
     return meta
 
 
+def sidecar_fields(tool: str, tokenizer, *, vocab_size: int, dtype: str, documents: int, tokens: int,
+                   max_token_id: int, eod_delimited: bool = True, tokenizer_name: str | None = None) -> dict:
+    """The .meta.json fields every data tool writes: the tool, the tokenizer's portable spec, name and
+    fingerprint, the vocabulary, EOD id and token dtype, and the counts (tool-specific fields go beside)."""
+    return {"tool": tool, "tokenizer": tokenizer.spec, "tokenizer_name": tokenizer_name or tokenizer.name,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": vocab_size, "eod_id": tokenizer.eod_id,
+            "eod_delimited": eod_delimited, "dtype": dtype, "documents": documents, "tokens": tokens,
+            "max_token_id": max_token_id}
+
+
 def write_sidecar(prefix: str, meta: dict) -> None:
     """Write PREFIX.meta.json (atomically), adding the sizes of PREFIX.bin/.idx (`bin_bytes`,
     `idx_bytes`) that `read_sidecar` checks."""
