@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, Qwen3Config
 
@@ -53,42 +55,35 @@ def ttt_layer_indices(cfg) -> list[int]:
     return sorted(cfg.ttt_layers or []) if cfg.ttt_mode else []
 
 
+@dataclass
+class InPlaceTTTKeys:
+    """The In-Place TTT keys (module docstring) that both configs add to their base config."""
+
+    ttt_mode: bool = False
+    ttt_layers: list[int] | None = None
+    ttt_lr: float | int = 0.3
+    ttt_chunk: int = 4096
+    ttt_proj: bool = True
+    ttt_target: str = "hidden_states"
+    ttt_conv_size: int = 5
+    ttt_max_update_norm: float | int | None = None
+
+    def validate_ttt(self):
+        check_ttt_config(self)
+
+
 @strict
-class InPlaceTTTQwen3Config(Qwen3Config):
+class InPlaceTTTQwen3Config(Qwen3Config, InPlaceTTTKeys):
     """Qwen3 with In-Place TTT MLPs in ``ttt_layers`` (keys as in the module docstring)."""
 
     model_type = "inplace_ttt_qwen3"
 
-    ttt_mode: bool = False
-    ttt_layers: list[int] | None = None
-    ttt_lr: float | int = 0.3
-    ttt_chunk: int = 4096
-    ttt_proj: bool = True
-    ttt_target: str = "hidden_states"
-    ttt_conv_size: int = 5
-    ttt_max_update_norm: float | int | None = None
-
-    def validate_ttt(self):
-        check_ttt_config(self)
-
 
 @strict
-class InPlaceTTTLlamaConfig(LlamaConfig):
+class InPlaceTTTLlamaConfig(LlamaConfig, InPlaceTTTKeys):
     """Llama with In-Place TTT MLPs in ``ttt_layers`` (keys as in the module docstring)."""
 
     model_type = "inplace_ttt_llama"
-
-    ttt_mode: bool = False
-    ttt_layers: list[int] | None = None
-    ttt_lr: float | int = 0.3
-    ttt_chunk: int = 4096
-    ttt_proj: bool = True
-    ttt_target: str = "hidden_states"
-    ttt_conv_size: int = 5
-    ttt_max_update_norm: float | int | None = None
-
-    def validate_ttt(self):
-        check_ttt_config(self)
 
 
 InPlaceTTTQwen3Config.register_for_auto_class()
