@@ -101,6 +101,21 @@ def _logits(model, batch: dict) -> torch.Tensor | None:
     return gather_from_tensor_model_parallel_region(out).float()
 
 
+def _layout_model(model_cfg, ttt_cfg, layout: dict, precision: dict, first: bool, seed: int, ckpt_dir: str):
+    """(parallel, dp, transformer config, DDP chunks) of the model at `layout`: the first layout of a case
+    randomises the TTT targets and saves the weights, every later one loads them (same weights everywhere)."""
+    parallel = ParallelConfig(**layout)
+    dp = initialize(parallel)
+    config = to_transformer_config(model_cfg, parallel, **precision)
+    chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
+    if first:
+        randomize_ttt_targets(chunks[0].module, seed)
+        save_checkpoint(ckpt_dir, 0, chunks)
+    else:
+        load_checkpoint(ckpt_dir, chunks)
+    return parallel, dp, config, chunks
+
+
 def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny", seq: int = 32,
                      global_batch: int = 4, micro_batch: int = 2, seed: int = 7, model_overrides: dict | None = None,
                      ttt: dict | None = None, with_docs: bool = False) -> list[dict]:
@@ -123,15 +138,7 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
     for i, layout in enumerate(layouts):
         options = dict(layout)
         precision = dict(dtype=options.pop("dtype", "fp32"), recompute=options.pop("recompute", None))
-        parallel = ParallelConfig(**options)
-        dp = initialize(parallel)
-        config = to_transformer_config(model_cfg, parallel, **precision)
-        chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
-        if i == 0:
-            randomize_ttt_targets(chunks[0].module, seed)
-            save_checkpoint(ckpt_dir, 0, chunks)
-        else:
-            load_checkpoint(ckpt_dir, chunks)
+        parallel, dp, config, chunks = _layout_model(model_cfg, ttt_cfg, options, precision, i == 0, seed, ckpt_dir)
         batch = make_batch(seed, global_batch, seq, model_cfg.vocab_size, with_docs)
         rank_rows = slice(ps.get_data_parallel_rank() * global_batch // dp,
                           (ps.get_data_parallel_rank() + 1) * global_batch // dp)
@@ -201,15 +208,7 @@ def doc_layouts_case(layouts: list[dict], ckpt_dir: str, starts: list[list[list[
     ttt_cfg = TTTConfig.from_dict(ttt)
     results = []
     for i, layout in enumerate(layouts):
-        parallel = ParallelConfig(**layout)
-        dp = initialize(parallel)
-        config = to_transformer_config(model_cfg, parallel)
-        chunks = wrap_for_training(build_gpt_model(model_cfg, config, ttt=ttt_cfg), config, DDPConfig())
-        if i == 0:
-            randomize_ttt_targets(chunks[0].module, seed)
-            save_checkpoint(ckpt_dir, 0, chunks)
-        else:
-            load_checkpoint(ckpt_dir, chunks)
+        parallel, dp, config, chunks = _layout_model(model_cfg, ttt_cfg, layout, {}, i == 0, seed, ckpt_dir)
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         per_docs = []
         for k, rows in enumerate(starts):
