@@ -1,4 +1,4 @@
-"""Generate synthetic long-context tasks (passkey, multikey, variable_tracking) at a target length.
+"""Generate synthetic long-context tasks (passkey, multikey, variable_tracking, mqar, copy) at a target length.
 
     python -m data_tools.synthetic passkey multikey --num 100 --length 32768 --seed 0 --output eval.jsonl
     python -m data_tools.synthetic passkey --num 64 --length 1024 --output-prefix data/passkey
@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-hops", type=int, default=4, help="variable_tracking: assignments per chain after the first"
     )
+    parser.add_argument("--num-pairs", type=int, default=16, help="mqar: key-value pairs (at most 24)")
+    parser.add_argument("--copy-length", type=int, default=64, help="copy: letters in the copied string")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     if args.num < 1 or args.length < 1:
@@ -64,6 +66,8 @@ def task_options(args: argparse.Namespace) -> dict[str, dict]:
         "passkey": {"depth": args.depth},
         "multikey": {"num_queries": args.num_queries},
         "variable_tracking": {"num_chains": args.num_chains, "num_hops": args.num_hops},
+        "mqar": {"num_pairs": args.num_pairs},
+        "copy": {"copy_length": args.copy_length},
     }
 
 

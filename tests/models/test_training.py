@@ -127,3 +127,22 @@ def test_step_gradients_are_those_of_the_mean_token_loss():
     (result,) = run_local_ranks(scenarios.step_gradient_vs_autograd, 1, timeout=300)
     assert result["reported"] == pytest.approx(result["loss"], rel=1e-6)
     assert result["worst_grad_rel_err"] < 1e-5
+
+
+def test_ttt_target_parameters_get_their_own_lr_and_weight_decay():
+    """optimizer.ttt_target_lr_mult / ttt_target_wd_mult put exactly the target parameters (conv and
+    projection of every TTT layer) in a group of their own; the defaults leave megatron's groups."""
+    default, scaled = run_local_ranks(_groups_pair, 1)[0]
+    assert all(not any("ttt_target" in n for n in g["names"]) or g["max_lr"] == 1e-3 for g in default)
+    assert len(scaled) == len(default) + 1
+    (target,) = [g for g in scaled if any("ttt_target" in n for n in g["names"])]
+    assert all("ttt_target" in n for n in target["names"]) and len(target["names"]) == 4  # 2 layers x conv, proj
+    assert (target["max_lr"], target["min_lr"], target["wd_mult"]) == pytest.approx((1e-2, 1e-3, 0.0))
+    others = [g for g in scaled if g is not target]
+    assert all(g["max_lr"] == 1e-3 and g["min_lr"] == 1e-4 for g in others)
+
+
+def _groups_pair():
+    args = {"lr": 1e-3, "min_lr": 1e-4}
+    return (scenarios.optimizer_groups(args),
+            scenarios.optimizer_groups({**args, "ttt_target_lr_mult": 10.0, "ttt_target_wd_mult": 0.0}))

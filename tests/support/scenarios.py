@@ -42,6 +42,23 @@ def train_losses(layout: dict, steps: int = 12, distributed_optimizer: bool = Fa
                      optimizer=optimizer)["loss"] for _ in range(steps)]
 
 
+def optimizer_groups(optimizer_args: dict, ttt: dict | None = None) -> list[dict]:
+    """The param groups `build_optimizer` makes for the tiny TTT model: per group the parameter names
+    (sorted), max_lr, min_lr and wd_mult."""
+    from ttt_train.layers.ttt_config import TTTConfig
+
+    parallel = ParallelConfig()
+    initialize(parallel)
+    model_cfg = load_model_config("tiny")
+    config = to_transformer_config(model_cfg, parallel)
+    model = build_gpt_model(model_cfg, config, ttt=TTTConfig(**(ttt or {"every": 2})))
+    chunks = wrap_for_training(model, config, DDPConfig())
+    optimizer = build_optimizer(OptimizerArgs(**optimizer_args), chunks, config)
+    names = {id(p): n for n, p in chunks[0].named_parameters()}
+    return [{"names": sorted(names[id(p)] for p in g["params"]), "max_lr": g["max_lr"], "min_lr": g["min_lr"],
+             "wd_mult": g["wd_mult"]} for g in optimizer.param_groups]
+
+
 def yarn_rotary(seq: int, settings: list[dict]) -> list[dict]:
     """For each YaRN setting (model.yarn keys): the rotary embedding megatron builds from
     `to_transformer_config` / `build_gpt_model` (class, inverse frequencies, the concentration factor

@@ -5,18 +5,26 @@
   recall); the query asks for the values of some keys, answered in query order.
 - variable_tracking: chains "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... hidden in filler;
   the query asks which variables hold a value, answered in assignment order.
+- mqar: multi-query associative recall (Zoology's MQAR): `num_pairs` pairs "Kv" (distinct upper-case
+  keys, random lower-case values), then filler, then every pair again in a random order: each value
+  in that last section is answerable only by recalling its pair from the first.
+- copy: a random string of `copy_length` lower-case letters in angle brackets, filler, then the
+  string again: every letter of the second copy is answerable only by recalling the first.
 
-A record is {"task", "context", "query", "answer", "length_tokens", "seed", "text"} with
-text = context + "\\n" + query + " " + answer, the training form; an evaluation prompts with
-context + "\\n" + query and scores the continuation with `score_exact_match`. `length_tokens` is the
-length of `text` in tokens of the given tokenizer: the largest context not exceeding the target, so
-it falls short of the target by less than one filler sentence or key line.
+A record is {"task", "context", "query", "answer", "recall_spans", "length_tokens", "seed", "text"}
+with text = context + "\\n" + query + separator + answer (separator " ", none for mqar and copy), the
+training form; an evaluation prompts with context + "\\n" + query and scores the continuation with
+`score_exact_match`. `recall_spans` lists the [start, end) character ranges of `text` that only a
+memory of the context can predict (the answer; for mqar every queried value, for copy the second
+copy). `length_tokens` is the length of `text` in tokens of the given tokenizer: the largest
+context not exceeding the target, so it falls short of the target by less than one filler sentence.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy
 
@@ -30,8 +38,24 @@ FILLER = (
     "There and back again.",
 )
 
-# A task maps (seed, n, options) to (context, query, answer); n (>= its minimum) sets the length.
-TaskFn = Callable[..., tuple[str, str, str]]
+# Upper-case letters that start no filler sentence: mqar's keys never occur in its filler.
+KEY_LETTERS = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if not any(s.startswith(c) for s in FILLER))
+VALUE_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+class Sample(NamedTuple):
+    """A task instance. `recall_spans`: [start, end) offsets within `query` + `separator` + `answer`
+    of the text only a memory of the context predicts; None means the answer."""
+
+    context: str
+    query: str
+    answer: str
+    separator: str = " "
+    recall_spans: list[tuple[int, int]] | None = None
+
+
+# A task maps (seed, n, options) to a Sample (or (context, query, answer)); n (>= its minimum) sets the length.
+TaskFn = Callable[..., Sample | tuple[str, str, str]]
 
 
 def _passkey(seed: int, n: int, depth: float | None = None) -> tuple[str, str, str]:
@@ -74,6 +98,30 @@ def _variable_tracking(seed: int, n: int, num_chains: int = 2, num_hops: int = 4
     return " ".join(sentences), query, " ".join(names[: num_hops + 1])
 
 
+def _mqar(seed: int, n: int, num_pairs: int = 16) -> Sample:
+    if not 1 <= num_pairs <= len(KEY_LETTERS):
+        raise ValueError(f"mqar: num_pairs must be in 1..{len(KEY_LETTERS)} (distinct keys), got {num_pairs}")
+    rng = numpy.random.default_rng(seed)
+    keys = rng.choice(list(KEY_LETTERS), size=num_pairs, replace=False)
+    values = rng.choice(list(VALUE_LETTERS), size=num_pairs)
+    pairs = [f"{k}{v}" for k, v in zip(keys, values)]
+    order = rng.permutation(num_pairs)
+    filler = " ".join(FILLER[i % len(FILLER)] for i in range(n))
+    asked = " ".join(pairs[i] for i in order)
+    # every queried value sits 1 character after its key, pairs 3 characters apart ("Kv ")
+    return Sample(f"{' '.join(pairs)}\n{filler}", asked[:-1], asked[-1], "",
+                  [(3 * j + 1, 3 * j + 2) for j in range(num_pairs)])
+
+
+def _copy(seed: int, n: int, copy_length: int = 64) -> Sample:
+    if copy_length < 1:
+        raise ValueError(f"copy: copy_length must be >= 1, got {copy_length}")
+    rng = numpy.random.default_rng(seed)
+    string = "".join(rng.choice(list(VALUE_LETTERS), size=copy_length))
+    filler = " ".join(FILLER[i % len(FILLER)] for i in range(n))
+    return Sample(f"<{string}> {filler}", "<", f"{string}>", "", [(1, 1 + copy_length)])
+
+
 def _unique_names(rng: numpy.random.Generator, count: int) -> list[str]:
     names: list[str] = []
     while len(names) < count:
@@ -88,6 +136,8 @@ TASKS: dict[str, tuple[TaskFn, Callable[[dict], int]]] = {
     "passkey": (_passkey, lambda options: 0),
     "multikey": (_multikey, lambda options: options.get("num_queries", 2)),
     "variable_tracking": (_variable_tracking, lambda options: 0),
+    "mqar": (_mqar, lambda options: 0),
+    "copy": (_copy, lambda options: 0),
 }
 
 
@@ -99,9 +149,13 @@ def generate(task: str, length_tokens: int, seed: int, tokenizer: Tokenizer | No
     fn, smallest = TASKS[task]
 
     def build(n: int) -> tuple[dict, int]:
-        context, query, answer = fn(seed, n, **options)
-        record = {"task": task, "context": context, "query": query, "answer": answer, "seed": seed}
-        record["text"] = f"{context}\n{query} {answer}"
+        sample = Sample(*fn(seed, n, **options))
+        tail = f"{sample.query}{sample.separator}{sample.answer}"
+        spans = sample.recall_spans or [(len(tail) - len(sample.answer), len(tail))]
+        offset = len(sample.context) + 1
+        record = {"task": task, "context": sample.context, "query": sample.query, "answer": sample.answer,
+                  "recall_spans": [[offset + a, offset + b] for a, b in spans], "seed": seed,
+                  "text": f"{sample.context}\n{tail}"}
         return record, len(tokenizer.encode(record["text"]))
 
     lo = smallest(options)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ttt_train.config_keys import build, check_fields, checked
 
 TARGETS = ("hidden_states", "input_embed")
+TARGET_INITS = ("dropin", "next_token")
 
 
 @dataclass
@@ -20,6 +21,9 @@ class TTTConfig:
     target: `hidden_states` (the MLP's normalised input; the release's default for continual
         training) or `input_embed` (the token embeddings; the paper's choice from scratch).
     max_update_norm: per-chunk, per-document Frobenius clip tau of `lr * dW`, or None.
+    target_init: how the target's conv and projection start (`ttt_train.ops.LMAlignedTarget`):
+        `dropin` (the paper's: V = 0 at step 0, a pretrained model's outputs unchanged) or
+        `next_token` (from scratch: V_t = target_init_scale * source_{t+1} at step 0, no saddle).
     An empty `layers` list is refused: `enabled: false` is the way to turn TTT off.
     """
 
@@ -33,6 +37,8 @@ class TTTConfig:
     use_proj: bool = True
     target: str = checked("hidden_states", choices=TARGETS)
     max_update_norm: float | None = checked(None, gt=0.0)
+    target_init: str = checked("dropin", choices=TARGET_INITS)
+    target_init_scale: float = checked(1.0, gt=0.0)
 
     @classmethod
     def from_dict(cls, values) -> TTTConfig:
@@ -51,6 +57,9 @@ class TTTConfig:
     def validate(self, num_layers: int) -> None:
         """Raise ValueError naming the offending `ttt.<key>` (types, ranges, layers against `num_layers`)."""
         check_fields(self, "ttt")
+        if self.target_init == "next_token" and self.conv_size < 3:
+            raise ValueError(f"ttt.target_init=next_token needs ttt.conv_size >= 3 (a tap for token t+1), "
+                             f"got {self.conv_size}")
         if self.layers is not None:
             bad = [i for i in self.layers if i >= num_layers]
             if bad:

@@ -98,7 +98,8 @@ class TTTMLP(MLP):
         with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
             self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
                                                 init_std=config.init_method_std, dtype=config.params_dtype,
-                                                device=self.linear_fc2.weight.device)
+                                                device=self.linear_fc2.weight.device, init=ttt.target_init,
+                                                init_scale=ttt.target_init_scale)
         for param in self.ttt_target.parameters():
             param.sequence_parallel = False
 

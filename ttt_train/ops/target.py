@@ -44,16 +44,28 @@ class LMAlignedTarget(nn.Module):
     ``proj.weight`` ``[d, d]`` is an ``nn.Linear(d, d, bias=False)`` weight (``use_proj=False`` drops
     it). The official release computes ``conv(X) @ ttt_proj.weight``: its ``mlp.ttt_proj.weight``
     is our ``proj.weight`` transposed (its ``mlp.ttt_conv.weight`` is our ``conv.weight`` as is).
-    Init (:meth:`reset_parameters`): conv zero, proj zero but a diagonal ~ N(0, init_std^2), so
-    ``V == 0`` at step 0 while gradient still reaches the conv.
+    Init (:meth:`reset_parameters`), by ``init``:
+    - ``dropin`` (the paper's, for continual training): conv zero, proj zero but a diagonal
+      ~ N(0, init_std^2), so ``V == 0`` at step 0 (the model computes what the base model computes)
+      while gradient still reaches the conv;
+    - ``next_token`` (from scratch): the conv's tap for token ``t+1`` is 1 (others 0) and proj is
+      ``init_scale`` times the identity, so ``V_t`` is the next token's source vector from step 0:
+      no saddle at ``V = 0`` for the outer optimiser to leave.
     """
 
+    INITS = ("dropin", "next_token")
+
     def __init__(self, hidden_size: int, kernel_size: int = 5, use_proj: bool = True, init_std: float = 0.02,
-                 device=None, dtype=None):
+                 device=None, dtype=None, init: str = "dropin", init_scale: float = 1.0):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1 (same padding), got {kernel_size}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {list(self.INITS)}, got {init!r}")
+        if init == "next_token" and kernel_size < 3:
+            raise ValueError(f"init=next_token needs a conv kernel of at least 3 (a tap for t+1), got {kernel_size}")
         self.hidden_size, self.kernel_size, self.init_std = hidden_size, kernel_size, init_std
+        self.init, self.init_scale = init, float(init_scale)
         kw = {"device": device, "dtype": dtype}
         self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=False, **kw)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False, **kw) if use_proj else None
@@ -62,9 +74,14 @@ class LMAlignedTarget(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.conv.weight.zero_()
+        if self.init == "next_token":
+            self.conv.weight[:, 0, self.kernel_size // 2 + 1] = 1.0
         if self.proj is not None:
             self.proj.weight.zero_()
-            self.proj.weight.diagonal().normal_(0.0, self.init_std)
+            if self.init == "next_token":
+                self.proj.weight.diagonal().fill_(self.init_scale)
+            else:
+                self.proj.weight.diagonal().normal_(0.0, self.init_std)
 
     def forward(self, x: torch.Tensor, chunk_size: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
@@ -77,4 +94,5 @@ class LMAlignedTarget(nn.Module):
         return self.proj(y) if self.proj is not None else y
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, kernel_size={self.kernel_size}, use_proj={self.proj is not None}"
+        return (f"hidden_size={self.hidden_size}, kernel_size={self.kernel_size}, use_proj={self.proj is not None}, "
+                f"init={self.init}")
