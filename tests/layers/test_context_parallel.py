@@ -6,6 +6,7 @@ part of the updates, per `TTTMLP.ttt_stats()`). Misaligned shards are refused.""
 from functools import partial
 
 import pytest
+import torch
 
 from tests.support.parallel_cases import clipped_fractions, equivalence_case, merge_ranks, rel_err
 from ttt_train.runtime.local_ranks import LocalRanksError, run_local_ranks
@@ -51,3 +52,30 @@ def test_misaligned_chunks_are_refused(tmp_path):
     with pytest.raises(LocalRanksError, match=r"(?s)chunk_size.*12.*16|16.*chunk_size"):
         run_local_ranks(partial(equivalence_case, seq=64, ttt=bad, with_docs=True), 2, [dict(cp=2)], str(tmp_path),
                         timeout=300)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("seq", [13, 16])
+def test_sdpa_core_attention_equals_megatrons_without_cp(seq, window):
+    """Without CP the local spec's core attention (torch SDPA) equals megatron's unfused
+    DotProductAttention, odd lengths included, with and without a sliding window."""
+    out_sdpa, out_megatron = run_local_ranks(_core_attention_pair, 1, seq, window)[0]
+    torch.testing.assert_close(out_sdpa, out_megatron, rtol=1e-5, atol=1e-6)
+
+
+def _core_attention_pair(seq, window):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from ttt_train.layers.cp_attention import GatherKVAttention
+    from ttt_train.models import load_model_config, to_transformer_config
+    from ttt_train.runtime.distributed import ParallelConfig, initialize
+
+    parallel = ParallelConfig()
+    initialize(parallel)
+    config = to_transformer_config(load_model_config("tiny", sliding_window=window), parallel)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(seq, 2, config.num_attention_heads, config.kv_channels, generator=g)
+    k, v = (torch.randn(seq, 2, config.num_query_groups, config.kv_channels, generator=g) for _ in range(2))
+    args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    return GatherKVAttention(**args)(q, k, v, None), DotProductAttention(**args)(q, k, v, None)

@@ -47,8 +47,13 @@ def check_config(cfg: dict) -> None:
         _positive_int(suite, "position_buckets", where="suite.")
         if suite["position_length"] is not None:
             _positive_int(suite, "position_length", minimum=2, where="suite.")
+    elif suite["name"] == "recall":
+        if not isinstance(suite["records"], str):
+            raise ValueError("suite.records: give a JSON-lines file of data_tools.synthetic records, "
+                             "e.g. suite.records=data/heldout.jsonl")
+        _positive_int(suite, "position_width", where="suite.")
     else:
-        raise ValueError(f"suite={suite['name']!r}: choose ruler or sliding_ppl")
+        raise ValueError(f"suite={suite['name']!r}: choose ruler, recall or sliding_ppl")
 
 
 def result_settings(cfg: dict) -> dict:

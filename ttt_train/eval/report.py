@@ -128,3 +128,46 @@ def sliding_ppl_report(records: list[dict], models: list[str], out: Path) -> lis
         _plot(out / "loss_by_position.png", {"loss by token position": pos_lines}, "position (tokens)", "loss",
               log2_x=False)
     return rows
+
+
+def recall_report(records: list[dict], models: list[str], out: Path) -> list[dict]:
+    """recall.csv (per model and task: loss and argmax accuracy on the recall tokens and on the
+    others) and recall_loss_by_position.csv / .png (mean loss per position bucket, with the fraction
+    of the bucket's tokens that are recall tokens)."""
+    totals = defaultdict(lambda: defaultdict(float))
+    position = defaultdict(lambda: defaultdict(lambda: [0.0, 0, 0]))
+    for r in records:
+        for task in (r["task"], "all"):
+            acc = totals[r["model"], task]
+            acc["records"] += 1
+            for key in ("recall_tokens", "recall_loss_sum", "recall_hits", "other_tokens", "other_loss_sum"):
+                acc[key] += r[key]
+        edges = r["bucket_edges"]
+        for a, b, loss, recall in zip(edges, edges[1:], r["bucket_loss_sums"], r["bucket_recall_tokens"]):
+            acc = position[r["model"]][a, b]
+            acc[0] += loss
+            acc[1] += b - a
+            acc[2] += recall
+    tasks = sorted({task for _, task in totals} - {"all"})
+    rows = []
+    for model in models:
+        for task in tasks + (["all"] if len(tasks) > 1 else []):
+            acc = totals.get((model, task))
+            if not acc:
+                continue
+            n, m = max(acc["recall_tokens"], 1), max(acc["other_tokens"], 1)
+            rows.append({"model": model, "task": task, "records": int(acc["records"]),
+                         "recall_tokens": int(acc["recall_tokens"]), "recall_loss": acc["recall_loss_sum"] / n,
+                         "recall_accuracy_%": 100 * acc["recall_hits"] / n, "other_loss": acc["other_loss_sum"] / m})
+    pos_rows, lines = [], {}
+    for model in models:
+        for (a, b), (loss, tokens, recall) in sorted(position.get(model, {}).items()):
+            pos_rows.append({"model": model, "position_start": a, "position_end": b, "loss": loss / tokens,
+                             "recall_fraction": recall / tokens})
+            lines.setdefault(model, []).append(((a + b) / 2, loss / tokens))
+    write_csv(out / "recall.csv", rows)
+    write_csv(out / "recall_loss_by_position.csv", pos_rows)
+    if lines:
+        _plot(out / "recall_loss_by_position.png", {"loss by token position": lines}, "position (tokens)", "loss",
+              log2_x=False)
+    return rows

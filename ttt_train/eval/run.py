@@ -7,10 +7,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ttt_train.eval import ruler_suite, sliding_ppl
+from ttt_train.eval import recall, ruler_suite, sliding_ppl
 from ttt_train.eval.config import check_config, result_settings
 from ttt_train.eval.models import resolve_device, resolve_models
-from ttt_train.eval.report import format_table, ruler_report, sliding_ppl_report
+from ttt_train.eval.report import format_table, recall_report, ruler_report, sliding_ppl_report
 from ttt_train.eval.results import ResultsFile, check_settings
 
 
@@ -38,9 +38,9 @@ def evaluate(cfg: DictConfig | dict) -> list[dict]:
     contexts = {e.label: model_context(e.hf_dir) for e in entries}
     labels = {e.source: e.label for e in entries}
     suite = cfg["suite"]["name"]
-    module = ruler_suite if suite == "ruler" else sliding_ppl
+    module, runner = {"ruler": (ruler_suite, ruler_suite.run_ruler), "recall": (recall, recall.run_recall),
+                      "sliding_ppl": (sliding_ppl, sliding_ppl.run_sliding_ppl)}[suite]
     results = ResultsFile(out / "results.jsonl", module.record_key)
-    runner = ruler_suite.run_ruler if suite == "ruler" else sliding_ppl.run_sliding_ppl
     runner(cfg, entries, contexts, results, resolve_device(cfg["device"]))
     records = [dict(r, model=labels[r["model_path"]]) for r in results.records if r["model_path"] in labels]
     if suite == "ruler":
@@ -50,6 +50,10 @@ def evaluate(cfg: DictConfig | dict) -> list[dict]:
                    and r["task"] in cfg["suite"]["tasks"]]
         rows = ruler_report(records, list(labels.values()), cfg["suite"]["tasks"], out)
         title = "RULER score (x100) by model and length"
+    elif suite == "recall":
+        records = [r for r in records if r["index"] < cfg["samples"]]
+        rows = recall_report(records, list(labels.values()), out)
+        title = f"teacher-forced recall on {cfg['suite']['records']} (loss in nats per token)"
     else:
         rows = sliding_ppl_report(records, list(labels.values()), out)
         title = f"final-block ({cfg['suite']['block']} tokens) perplexity by preceding context"

@@ -33,17 +33,23 @@ def record_key(record: dict) -> tuple:
 def target_losses(model, input_ids: torch.Tensor, first_target: int) -> torch.Tensor:
     """[b, T - first_target] float32 losses of input_ids[:, first_target:] (first_target >= 1), each
     token predicted from the tokens before it."""
+    return target_scores(model, input_ids, first_target)[0]
+
+
+def target_scores(model, input_ids: torch.Tensor, first_target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_losses` and, bool of the same shape, whether each target is the model's argmax."""
     base = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     with torch.inference_mode():
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
-        losses = []
+        losses, hits = [], []
         for s in range(first_target - 1, input_ids.shape[1] - 1, _HEAD_SLICE):
             e = min(s + _HEAD_SLICE, input_ids.shape[1] - 1)
             logits = head(hidden[:, s:e]).float()
-            losses.append(torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), input_ids[:, s + 1:e + 1], reduction="none"))
-    return torch.cat(losses, dim=1)
+            targets = input_ids[:, s + 1:e + 1]
+            losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))
+            hits.append(logits.argmax(-1) == targets)
+    return torch.cat(losses, dim=1), torch.cat(hits, dim=1)
 
 
 def check_head_path(model, input_ids: torch.Tensor) -> None:

@@ -18,7 +18,10 @@ from megatron.core.transformer.module import MegatronModule
 
 
 def load_balanced_positions(local_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global positions `[local_len]` of the tokens a CP rank holds (shards r and 2*cp-1-r)."""
+    """Global positions `[local_len]` of the tokens a CP rank holds (shards r and 2*cp-1-r; the whole
+    sequence, of any length, without context parallelism)."""
+    if cp_size == 1:
+        return torch.arange(local_len)
     half = local_len // 2
     first = torch.arange(cp_rank * half, (cp_rank + 1) * half)
     second = torch.arange((2 * cp_size - 1 - cp_rank) * half, (2 * cp_size - cp_rank) * half)
