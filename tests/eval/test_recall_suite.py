@@ -34,7 +34,7 @@ def brute_force(hf_dir, records):
         losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
         hits = logits.argmax(-1) == torch.tensor(ids[1:])
         text, position = record["text"], 0
-        for t, token in enumerate(ids[1:]):  # characters of target token t+1, found by decoding the prefix
+        for t in range(len(ids) - 1):  # characters of target token t+1, found by decoding the prefix
             start = len(tokenizer.decode(ids[:t + 1]))
             end = len(tokenizer.decode(ids[:t + 2]))
             inside = any(a <= start and end <= b for a, b in record["recall_spans"])
