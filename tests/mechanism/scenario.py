@@ -97,3 +97,26 @@ def failures(outputs: torch.Tensor, embeddings: torch.Tensor, rows=None) -> dict
 def margins(outputs: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
     """Per case, the cosine of the query's output with the value's embedding (for reports)."""
     return {case.name: float(cosines(outputs[row, case.query], embeddings)[VALUE]) for row, case in enumerate(CASES)}
+
+
+def gated_mlp_keys(vocab: int, d: int, h: int, *, embed_norm: float, beta: float = 0.25, gate: float = 3.0,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hand-set token embeddings ``[vocab, d]`` and gated-MLP weights ``W_gate``, ``W_up`` ``[h, d]`` that
+    make ``z = silu(H W_gate^T) * (H W_up^T)`` of an RMS-normalised embedding ``H = sqrt(d) e / ||e||``
+    a distinct direction per token id, exactly orthogonal for ids ``< d - 1``.
+
+    Every embedding has norm ``embed_norm`` and first coordinate ``beta * embed_norm``; the rest is a row
+    of a random orthogonal matrix (ids ``< d - 1``) or a random unit vector. ``W_gate`` reads only the
+    first coordinate (pre-activation ``gate`` for every token, so ``silu(gate)`` is a common factor);
+    ``W_up`` maps the rest into ``h`` by orthonormal columns. Then ``||z|| = silu(gate) sqrt(d (1 - beta^2))``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.randn(vocab, d - 1, generator=g, dtype=torch.float64)
+    rest = rest / rest.norm(dim=1, keepdim=True)
+    rest[:d - 1] = torch.linalg.qr(torch.randn(d - 1, d - 1, generator=g, dtype=torch.float64))[0]
+    embeddings = torch.cat([torch.full((vocab, 1), beta, dtype=torch.float64), (1 - beta ** 2) ** 0.5 * rest], 1)
+    w_gate = torch.zeros(h, d, dtype=torch.float64)
+    w_gate[:, 0] = gate / (beta * d ** 0.5)
+    w_up = torch.zeros(h, d, dtype=torch.float64)
+    w_up[:, 1:] = torch.linalg.qr(torch.randn(h, d - 1, generator=g, dtype=torch.float64))[0]
+    return embed_norm * embeddings, w_gate, w_up
