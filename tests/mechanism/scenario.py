@@ -94,7 +94,7 @@ def failures(outputs: torch.Tensor, embeddings: torch.Tensor, rows=None) -> dict
     return bad
 
 
-def margins(outputs: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
+def value_cosines(outputs: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
     """Per case, the cosine of the query's output with the value's embedding (for reports)."""
     return {case.name: float(cosines(outputs[row, case.query], embeddings)[VALUE]) for row, case in enumerate(CASES)}
 

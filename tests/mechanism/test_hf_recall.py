@@ -139,13 +139,11 @@ def _source_mutant(cls, name: str, move: str, after: str):
     return namespace[name]
 
 
-@contextlib.contextmanager
-def installed(model, kind: str | None):
-    """The mutant ``kind`` (see ``REJECTED_BY``; None: none) patched into ``model``'s MLP class."""
-    cls = type(model.model.layers[0].mlp)
+def _broken_methods(cls, kind: str | None) -> dict:
+    """The methods of the exported MLP class ``cls`` that the mutant ``kind`` replaces, by name."""
     real_update, real_target, real_within = cls.update, cls.target, cls._within_chunk
 
-    def shifted_kernel(self, x):
+    def shifted_kernel(self, x):  # the conv tap moved: kernel rolled (tap t) or flipped (tap t-1)
         conv = self.ttt_conv.weight
         kept = conv.data
         conv.data = kept.roll(-1, dims=-1) if kind == "tap_t" else kept.flip(-1)
@@ -154,25 +152,33 @@ def installed(model, kind: str | None):
         finally:
             conv.data = kept
 
-    def within_after_update(self, z, src, st, sdt):
+    def within_after_update(self, z, src, st, sdt):  # decoding applies the state its own chunk updated
         real_within(self, z, src, st, sdt)
         delta = st["delta"] if st is not None else None
         return None if delta is None else torch.bmm(z.to(sdt), delta.transpose(1, 2))
 
-    patches = {
-        None: {},
-        "sign": {"update": lambda self, z, x: -real_update(self, z, x)},
-        "tap_t": {"target": shifted_kernel},
-        "tap_prev": {"target": shifted_kernel},
-        "rows_share_state": {"update": lambda self, z, x: real_update(self, z, x).sum(0, keepdim=True)
-                             .expand(z.shape[0], -1, -1)},
-        "own_chunk_forward": {"_across_chunks": _source_mutant(cls, "_across_chunks", move="outs.append(zi @",
-                                                               after="state = u if state is None")} if kind ==
-        "own_chunk_forward" else {},
-        "own_chunk_decode": {"_within_chunk": within_after_update},
-    }[kind]
+    if kind is None:
+        return {}
+    if kind == "sign":
+        return {"update": lambda self, z, x: -real_update(self, z, x)}
+    if kind in ("tap_t", "tap_prev"):
+        return {"target": shifted_kernel}
+    if kind == "rows_share_state":
+        return {"update": lambda self, z, x: real_update(self, z, x).sum(0, keepdim=True).expand(len(z), -1, -1)}
+    if kind == "own_chunk_forward":
+        return {"_across_chunks": _source_mutant(cls, "_across_chunks", move="outs.append(zi @",
+                                                 after="state = u if state is None")}
+    if kind == "own_chunk_decode":
+        return {"_within_chunk": within_after_update}
+    raise ValueError(f"unknown mutant {kind!r}; known: {sorted(REJECTED_BY)}")
+
+
+@contextlib.contextmanager
+def installed(model, kind: str | None):
+    """The mutant ``kind`` (see ``REJECTED_BY``; None: none) patched into ``model``'s MLP class."""
+    cls = type(model.model.layers[0].mlp)
     with contextlib.ExitStack() as stack:
-        for name, fn in patches.items():
+        for name, fn in _broken_methods(cls, kind).items():
             stack.enter_context(mock.patch.object(cls, name, fn))
         yield
 

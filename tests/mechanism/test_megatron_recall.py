@@ -54,7 +54,7 @@ def _megatron_recall(targets, kinds) -> dict:
                 model(batch["tokens"], batch["position_ids"], None, **model_inputs(model, batch))
             results[target, kind] = scenario.failures(seen["out"], embeddings)
             if kind is None:
-                results[target, "cosines"] = scenario.margins(seen["out"], embeddings)
+                results[target, "cosines"] = scenario.value_cosines(seen["out"], embeddings)
     return results
 
 

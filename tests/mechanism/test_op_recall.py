@@ -72,3 +72,27 @@ def test_value_dominates_once_the_update_outweighs_w_down():
     assert scenario.failures(weak, embeddings).keys() == {"recall_far", "recall_next_chunk", "second_document"}
     strong, _ = layer_outputs(inplace_ttt, lr=0.3)
     assert scenario.failures(strong, embeddings) == {}
+
+
+def _recalled_cosine(h: int, stored: int, seed: int, d: int = 64, chunk: int = 64, vocab: int = 8192) -> float:
+    """Cosine with the value's vector of the output at a key whose pair opens a document of ``stored``
+    tokens of random ids before the key's chunk (random unit codes in ``h`` dims, ``W_down = 0``)."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    codes = torch.randn(vocab, h, generator=g, dtype=torch.float64)
+    codes = codes / codes.norm(dim=1, keepdim=True)
+    tokens = torch.randint(3, vocab, (1, stored + chunk), generator=g)
+    tokens[0, 0], tokens[0, 1], tokens[0, -1] = scenario.KEY, scenario.VALUE, scenario.KEY
+    with torch.no_grad():
+        v = LMAlignedTarget(d, kernel_size=5, init="next_token", dtype=torch.float64)(embeddings[tokens], chunk)
+        out = inplace_ttt(codes[tokens], v, torch.zeros(d, h, dtype=torch.float64), chunk_size=chunk, lr=1.0)
+    return scenario.cosines(out[0, -1], embeddings)[scenario.VALUE].item()
+
+
+@pytest.mark.parametrize("stored", [64, 1024])
+def test_recall_fades_as_a_linear_memory_of_h_random_keys(stored):
+    """Every stored token adds its value times ``<z_s, z_key> ~ N(0, 1/h)``: after ``n`` of them the value's
+    cosine is about ``(1 + n/h)^-1/2`` whatever lr (0.82 at n = h/2, 0.33 at n = 8h for h = 128)."""
+    h = 128
+    measured = sum(_recalled_cosine(h, stored, seed) for seed in range(10)) / 10
+    assert measured == pytest.approx((1 + stored / h) ** -0.5, abs=0.05)
