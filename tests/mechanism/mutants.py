@@ -30,8 +30,8 @@ OP_MUTANTS = ("sign", "own_chunk", "future", "no_reset")
 
 
 def _leak(z, v, chunk_size, doc_ids, future: bool) -> torch.Tensor:
-    """``sum_s lr-free <z_s, z_t> v_s`` over the tokens ``s`` of ``t``'s document in ``t``'s chunk
-    (``future``: in ``t``'s chunk or any later one) -> ``[B, T, d]``: what a causality bug adds."""
+    """``sum_s <z_s, z_t> v_s`` over the tokens ``s`` of ``t``'s document in ``t``'s chunk (``future``: in
+    ``t``'s chunk or any later one) -> ``[B, T, d]``: what a causality bug adds to the output, over ``lr``."""
     T = z.shape[1]
     chunk = torch.arange(T, device=z.device) // chunk_size
     mask = chunk[None, :] >= chunk[:, None] if future else chunk[None, :] == chunk[:, None]
