@@ -15,8 +15,10 @@ from ttt_train.eval import report, ruler_suite
 from ttt_train.eval.__main__ import CONFIG_DIR
 from ttt_train.eval.run import evaluate
 
-SMALL_RULER = ["suite.niah.num_keys=2", "suite.cwe.num_common=4", "suite.niah.num_values=2", "suite.niah.num_queries=2",
+SMALL_RULER = ["suite.niah.num_keys=2", "suite.cwe.num_common=2", "suite.fwe.num_answers=2", "suite.niah.num_values=2", "suite.niah.num_queries=2",
+               "suite.vt.example_tokens=0", "suite.cwe.examples=0",  # the solved examples alone would fill 512 bytes
                *[f"suite.max_new_tokens.{t}=12" for t in ruler_suite.TASKS]]
+DEFAULT_TASKS = 11  # RULER's 13 but the two QA tasks
 
 
 def config(overrides):
@@ -36,6 +38,7 @@ def count_generate(monkeypatch):
 
     def counting(model, tokenizer, batch, max_new_tokens):
         prompts.extend(batch)
+        assert all(len(tokenizer(p)["input_ids"]) + max_new_tokens <= 640 for p in batch)  # the model's tokens
         return real(model, tokenizer, batch, max_new_tokens)
 
     monkeypatch.setattr(ruler_suite, "greedy_generate", counting)
@@ -48,13 +51,13 @@ def test_ruler_end_to_end_and_restart(tmp_path, ttt_dir, plain_dir, count_genera
             "batch_size=2", f"out={out}", "device=cpu", *SMALL_RULER]
     rows = run(args)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == len(count_generate) == 2 * 2 * 7 * 2
+    assert len(records) == len(count_generate) == 2 * 2 * DEFAULT_TASKS * 2
     assert {(r["model"], r["length"]) for r in records} == {(m, n) for m in ("ttt", "plain") for n in (512, 640)}
     assert all(r["prompt_tokens"] + 12 <= r["length"] and 0 <= r["score"] <= 1 for r in records)
     table = list(csv.DictReader((out / "ruler_scores.csv").open()))
     assert [(r["model"], r["length"]) for r in table] == [("ttt", "512"), ("ttt", "640"), ("plain", "512"),
                                                             ("plain", "640")]
-    assert [r["samples"] for r in rows] == [14] * 4
+    assert [r["samples"] for r in rows] == [2 * DEFAULT_TASKS] * 4
     assert (out / "ruler_scores.png").read_bytes()[:4] == b"\x89PNG"
 
     # restart: nothing left to do; then a run cut short (5 records lost, a torn line) redoes just those
@@ -77,7 +80,7 @@ def test_ruler_scores_an_echo_model_100(tmp_path, plain_dir, monkeypatch):
     monkeypatch.setattr(ruler_suite, "greedy_generate", lambda model, tokenizer, prompts, n: prompts)
     rows = run([f"models=[{plain_dir}]", "lengths=[700]", "samples=1", f"out={tmp_path}", *SMALL_RULER])
     tasks = config(["models=[x]"]).suite.tasks
-    assert rows[0]["average"] == 100 and all(rows[0][t] == 100 for t in tasks) and len(tasks) == 7
+    assert rows[0]["average"] == 100 and all(rows[0][t] == 100 for t in tasks) and len(tasks) == DEFAULT_TASKS
 
 
 def brute_force_loss(model, tokens, first_target):
@@ -130,7 +133,10 @@ def test_sliding_ppl_equals_brute_force(tmp_path, ttt_dir, dataset_prefix):
 
 @pytest.mark.parametrize("override, message", [
     (["lengths=[1024,x]"], r"lengths=.*: give a list of token counts"),
-    (["suite.tasks=[niah_single,essay_qa]"], r"suite.tasks: unknown \['essay_qa'\]"),
+    (["suite.tasks=[niah_single_1,essay_qa]"], r"suite.tasks: unknown \['essay_qa'\]"),
+    (["suite.tasks=[niah_single_1,qa_2]"], r"suite.tasks: qa_2 \(HotpotQA\) need RULER's QA data sets"),
+    (["suite.haystack=essays"], r"suite.haystack='essays': choose ruler \(each task's own\) or one of noise, essay"),
+    (["suite.metric=exact"], r"suite.metric='exact': choose ruler"),
     (["+suite.vt.depth=0.5"], r"suite.vt: unknown option\(s\) \['depth'\]"),
     (["labels=[a,b]"], r"labels: 2 labels for 1 models"),
     (["ttt.lr=0.5"], r"ttt.lr / ttt.max_update_norm: model .* has no In-Place TTT"),
@@ -165,10 +171,10 @@ def test_command_line(tmp_path, ttt_dir, monkeypatch, capsys):
     monkeypatch.setattr(ruler_suite, "greedy_generate", fake_generate)
     out = tmp_path / "cli"
     monkeypatch.setattr(sys, "argv", [
-        "ttt_train.eval", f"models=[{ttt_dir}]", "suite.tasks=[niah_single]", "lengths=[512]", "samples=2",
+        "ttt_train.eval", f"models=[{ttt_dir}]", "suite.tasks=[niah_single_1]", "lengths=[512]", "samples=2",
         "ttt.lr=0.5", "ttt.max_update_norm=1.0", f"out={out}"])
     main()
-    assert "RULER score (x100) by model and length" in capsys.readouterr().out
+    assert "RULER-style score (x100; offline, not official RULER numbers) by model and length" in capsys.readouterr().out
     assert seen == [(0.5, 1.0)] and len((out / "results.jsonl").read_text().splitlines()) == 2
 
     monkeypatch.setattr(sys, "argv", ["ttt_train.eval", f"models=[{ttt_dir}]", "samples=0", f"out={out}"])

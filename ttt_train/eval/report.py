@@ -67,7 +67,7 @@ def _plot(path: Path, panels: dict[str, dict[str, list[tuple[float, float]]]], x
 
 
 def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: Path) -> list[dict]:
-    """ruler_scores.csv / .png: mean score x100 per model, length and task, and the task average."""
+    """ruler_scores.csv / .png: mean RULER-style score x100 per model, length and task, and the task average."""
     scores = defaultdict(list)
     for r in records:
         scores[r["model"], r["length"], r["task"]].append(r["score"])
@@ -87,7 +87,7 @@ def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: 
             rows.append(row)
     write_csv(out / "ruler_scores.csv", rows)
     if rows:
-        _plot(out / "ruler_scores.png", dict(panels), "length (tokens)", "score (x100)", log2_x=True,
+        _plot(out / "ruler_scores.png", dict(panels), "length (tokens)", "RULER-style score (x100)", log2_x=True,
               ylim=(-3, 103))
     return rows
 

@@ -10,11 +10,12 @@ import inspect
 from tqdm import tqdm
 
 from ttt_train.eval.generation import count_tokens, greedy_generate
-from ttt_train.eval.haystack import make_haystack
+from ttt_train.eval.haystack import HAYSTACKS, NoiseHaystack, TextHaystack, make_haystack
 from ttt_train.eval.models import ModelEntry, load_model
 from ttt_train.eval.results import ResultsFile
-from ttt_train.eval.ruler import TASKS, make_sample
+from ttt_train.eval.ruler import QA_TASKS, TASKS, make_sample
 from ttt_train.eval.scoring import METRICS
+from ttt_train.eval.wordlists import single_words
 
 
 def record_key(record: dict) -> tuple:
@@ -22,20 +23,45 @@ def record_key(record: dict) -> tuple:
 
 
 def check_suite(suite: dict) -> None:
-    """Refuse unknown tasks, missing max_new_tokens and task options the generators do not take."""
+    """Refuse unknown tasks (QA ones: not offline), missing max_new_tokens, task options the
+    generators do not take, an unknown metric or haystack."""
+    qa = [t for t in suite["tasks"] if t in QA_TASKS]
+    if qa:
+        named = ", ".join(f"{t} ({QA_TASKS[t]})" for t in qa)
+        raise ValueError(f"suite.tasks: {named} need RULER's QA data sets, which cannot be built offline; "
+                         "drop them from suite.tasks")
     unknown = [t for t in suite["tasks"] if t not in TASKS]
     if unknown or not suite["tasks"]:
         raise ValueError(f"suite.tasks: unknown {unknown or 'empty list'}; choose from {sorted(TASKS)}")
     for task in suite["tasks"]:
         if not isinstance(suite["max_new_tokens"].get(task), int) or suite["max_new_tokens"][task] < 1:
             raise ValueError(f"suite.max_new_tokens.{task}: a positive integer is needed")
-        build, section = TASKS[task]
-        accepted = set(inspect.signature(build).parameters) - {"rng", "n", "haystack"}
+        section = TASKS[task].section
+        accepted = set(inspect.signature(TASKS[task].build).parameters) - {"rng", "n", "setting"}
         extra = set(suite.get(section) or {}) - accepted
         if extra:
             raise ValueError(f"suite.{section}: unknown option(s) {sorted(extra)}; accepted: {sorted(accepted)}")
-    if suite["metric"] not in METRICS:
-        raise ValueError(f"suite.metric={suite['metric']!r}: choose from {sorted(METRICS)}")
+    if suite["metric"] != "ruler" and suite["metric"] not in METRICS:
+        raise ValueError(f"suite.metric={suite['metric']!r}: choose ruler (each task's own) or one of "
+                         f"{sorted(METRICS)}")
+    if suite["haystack"] != "ruler" and suite["haystack"] not in HAYSTACKS:
+        raise ValueError(f"suite.haystack={suite['haystack']!r}: choose ruler (each task's own) or one of "
+                         f"{', '.join(HAYSTACKS)}")
+
+
+def task_haystacks(suite: dict) -> dict[str, NoiseHaystack | TextHaystack | None]:
+    """Each task's text haystack: RULER's (noise or the essays) with suite.haystack=ruler, else the
+    one suite.haystack names for every task that has a text haystack; None for the others."""
+    made: dict[str, NoiseHaystack | TextHaystack] = {}
+    chosen = {}
+    for task in suite["tasks"]:
+        kind = TASKS[task].haystack
+        if kind is not None:
+            kind = kind if suite["haystack"] == "ruler" else suite["haystack"]
+            if kind not in made:
+                made[kind] = make_haystack(kind, suite["haystack_path"])
+        chosen[task] = made.get(kind)
+    return chosen
 
 
 def model_lengths(lengths: list[int] | None, context: int, extrapolate: bool) -> list[int]:
@@ -66,8 +92,9 @@ def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], re
     total = sum(length for todo in plan.values() for length, _, _ in todo)
     if not total:
         return
-    haystack = make_haystack(suite["haystack"], suite["haystack_path"])
-    metric = METRICS[suite["metric"]]
+    haystacks = task_haystacks(suite)  # before any model loads: a missing source fails fast
+    if any(TASKS[t].words for t in tasks):
+        single_words()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="ruler", dynamic_ncols=True)  # ETA by tokens
     done, count = 0, sum(map(len, plan.values()))
     for entry in entries:
@@ -82,12 +109,13 @@ def run_ruler(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], re
             groups.setdefault((length, task), []).append(index)
         for (length, task), indices in groups.items():
             guess = 64
+            metric = METRICS[TASKS[task].metric if suite["metric"] == "ruler" else suite["metric"]]
             for start in range(0, len(indices), cfg["batch_size"]):
                 batch = []
                 for index in indices[start:start + cfg["batch_size"]]:
                     sample, guess = make_sample(
-                        task, dict(suite.get(TASKS[task][1]) or {}), length=length, index=index,
-                        seed=cfg["seed"], haystack=haystack, count_tokens=counter,
+                        task, dict(suite.get(TASKS[task].section) or {}), length=length, index=index,
+                        seed=cfg["seed"], haystack=haystacks[task], count_tokens=counter,
                         max_new_tokens=suite["max_new_tokens"][task], answer_prefix=suite["answer_prefix"],
                         guess=guess,
                     )

@@ -49,7 +49,7 @@ def evaluate(cfg: DictConfig | dict) -> list[dict]:
         records = [r for r in records if r["length"] in wanted[r["model"]] and r["index"] < cfg["samples"]
                    and r["task"] in cfg["suite"]["tasks"]]
         rows = ruler_report(records, list(labels.values()), cfg["suite"]["tasks"], out)
-        title = "RULER score (x100) by model and length"
+        title = "RULER-style score (x100; offline, not official RULER numbers) by model and length"
     elif suite == "recall":
         records = [r for r in records if r["index"] < cfg["samples"]]
         rows = recall_report(records, list(labels.values()), out)
