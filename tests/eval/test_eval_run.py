@@ -15,10 +15,12 @@ from ttt_train.eval import report, ruler_suite
 from ttt_train.eval.__main__ import CONFIG_DIR
 from ttt_train.eval.run import evaluate
 
-SMALL_RULER = ["suite.niah.num_keys=2", "suite.cwe.num_common=2", "suite.fwe.num_answers=2", "suite.niah.num_values=2", "suite.niah.num_queries=2",
-               "suite.vt.example_tokens=0", "suite.cwe.examples=0",  # the solved examples alone would fill 512 bytes
+SMALL_RULER = ["suite.niah.num_keys=2", "suite.niah.num_values=2", "suite.niah.num_queries=2", "suite.cwe.num_common=2",
+               "suite.fwe.num_answers=2", "suite.vt.example_tokens=0", "suite.cwe.examples=0",  # fit 512 bytes
                *[f"suite.max_new_tokens.{t}=12" for t in ruler_suite.TASKS]]
 DEFAULT_TASKS = 11  # RULER's 13 but the two QA tasks
+# generated for real: one task of each kind (the echo test below runs every default task)
+SOME_TASKS = "suite.tasks=[niah_single_1,niah_single_2,niah_multikey_3,niah_multivalue,vt,cwe,fwe]"
 
 
 def config(overrides):
@@ -48,16 +50,16 @@ def count_generate(monkeypatch):
 def test_ruler_end_to_end_and_restart(tmp_path, ttt_dir, plain_dir, count_generate, monkeypatch):
     out = tmp_path / "ruler"
     args = [f"models=[{ttt_dir},{plain_dir}]", "labels=[ttt,plain]", "lengths=[512,640]", "samples=2",
-            "batch_size=2", f"out={out}", "device=cpu", *SMALL_RULER]
+            "batch_size=2", f"out={out}", "device=cpu", SOME_TASKS, *SMALL_RULER]
     rows = run(args)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == len(count_generate) == 2 * 2 * DEFAULT_TASKS * 2
+    assert len(records) == len(count_generate) == 2 * 2 * 7 * 2
     assert {(r["model"], r["length"]) for r in records} == {(m, n) for m in ("ttt", "plain") for n in (512, 640)}
     assert all(r["prompt_tokens"] + 12 <= r["length"] and 0 <= r["score"] <= 1 for r in records)
     table = list(csv.DictReader((out / "ruler_scores.csv").open()))
     assert [(r["model"], r["length"]) for r in table] == [("ttt", "512"), ("ttt", "640"), ("plain", "512"),
                                                             ("plain", "640")]
-    assert [r["samples"] for r in rows] == [2 * DEFAULT_TASKS] * 4
+    assert [r["samples"] for r in rows] == [14] * 4
     assert (out / "ruler_scores.png").read_bytes()[:4] == b"\x89PNG"
 
     # restart: nothing left to do; then a run cut short (5 records lost, a torn line) redoes just those

@@ -31,8 +31,9 @@ def count_bytes(text):  # the byte tokenizer's count: one token per UTF-8 byte
 
 def sample(task, *, seed=0, index=0, length=3000, options=None, count=count_bytes, max_new_tokens=50):
     options = SMALL[TASKS[task].section] if options is None else options
-    return make_sample(task, options, length=length, index=index, seed=seed, haystack=HAYSTACKS.get(TASKS[task].haystack),
-                       count_tokens=count, max_new_tokens=max_new_tokens, answer_prefix=True)[0]
+    return make_sample(task, options, length=length, index=index, seed=seed,
+                       haystack=HAYSTACKS.get(TASKS[task].haystack), count_tokens=count,
+                       max_new_tokens=max_new_tokens, answer_prefix=True)[0]
 
 
 def last_instance(prompt, opening):
@@ -73,13 +74,14 @@ def cwe_list(instance):
     return re.split(r"(?:^| )\d+\. ", body)[1:]
 
 
-ENDINGS = {"niah_single_1": " is", "niah_single_2": " is", "niah_single_3": " is", "niah_multikey_1": " is",
-           "niah_multikey_2": " is", "niah_multikey_3": " is", "niah_multivalue": " are", "niah_multiquery": " are",
-           "vt": "; they are: ", "cwe": "are:", "fwe": "are:", "passkey": "The pass key is"}
-REFERENCES = {"niah_single_1": 1, "niah_single_2": 1, "niah_single_3": 1, "niah_multikey_1": 1, "niah_multikey_2": 1,
-              "niah_multikey_3": 1, "niah_multivalue": 3, "niah_multiquery": 2, "vt": 4, "cwe": 5, "fwe": 3, "passkey": 1}
+SINGLE = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3")
+ENDINGS = {**dict.fromkeys(SINGLE, "in the text above is"), "niah_multivalue": "in the text above are",
+           "niah_multiquery": "in the text above are", "vt": "; they are: ", "cwe": "in the list above are:",
+           "fwe": "most frequent words are:", "passkey": "The pass key is"}
+REFERENCES = {**dict.fromkeys(SINGLE, 1), "niah_multivalue": 3, "niah_multiquery": 2, "vt": 4, "cwe": 5, "fwe": 3,
+              "passkey": 1}
 NEEDLES = {"niah_single_1": 1, "niah_single_2": 1, "niah_single_3": 1, "niah_multikey_1": 3, "niah_multivalue": 3,
-           "niah_multiquery": 2}
+           "niah_multiquery": 2}  # text haystacks: the needles hidden in them
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -110,7 +112,8 @@ def test_keys_are_uuids_or_wonderwords_compounds():
             splits = [(key[:i], key[i + 1:]) for i, c in enumerate(key) if c == "-"]
             assert any(a in adjectives and b in nouns for a, b in splits) and re.fullmatch(r"\d{7}", value)
     uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-    assert all(re.fullmatch(uuid, k) and re.fullmatch(uuid, v) for k, v in NEEDLE.findall(sample("niah_multikey_3").prompt))
+    needles = NEEDLE.findall(sample("niah_multikey_3").prompt)
+    assert needles and all(re.fullmatch(uuid, k) and re.fullmatch(uuid, v) for k, v in needles)
     assert re.fullmatch(uuid, sample("niah_single_3").references[0])
     words = set(single_words())
     assert len(words) > 8000 and set(cwe_list(last_instance(sample("cwe").prompt, "Below is"))) <= words
@@ -141,13 +144,14 @@ def test_ruler_settings_by_default():
     assert len(vt.references) == 5 and 400 < count_bytes(example) <= 502  # the example + "\n\n"
     names = re.findall(r"VAR (\w+) = ", example)
     assert len(names) == 5 and all(len(name) == 3 for name in names) and " ".join(names) in example
-    for length, (common, uncommon), (ex_common, ex_uncommon) in ((8192, (30, 3), (10, 3)), (3000, (6, 1), (3, 1))):
+    # length, the sample's repeats (common, others), the example's {repeats: words}
+    for length, repeats, example in ((8192, (30, 3), {10: 10, 3: 30}), (3000, (6, 1), {3: 10, 1: 10})):
         cwe = default("cwe", length)
         assert cwe.prompt.count("Below is a numbered list") == 2
         counts = Counter(cwe_list(last_instance(cwe.prompt, "Below is")))
-        assert {counts[w] for w in cwe.references} == {common} and set(counts.values()) == {common, uncommon}
+        assert {counts[w] for w in cwe.references} == {repeats[0]} and set(counts.values()) == set(repeats)
         shot = Counter(cwe_list(cwe.prompt.split("Question:")[0]))
-        assert sorted(Counter(shot.values()).items()) == sorted({ex_common: 10, ex_uncommon: 30 if length > 4096 else 10}.items())
+        assert Counter(shot.values()) == example
     fwe = default("fwe")
     words = Counter(fwe.prompt.split("occur most often. ", 1)[1].split("\nQuestion:")[0].split())
     assert len(words) <= (8192 - 50) // 50

@@ -196,4 +196,4 @@ def make_haystack(kind: str, path) -> NoiseHaystack | TextHaystack:
         if not path or not isinstance(path, str):
             raise ValueError("suite.haystack=dataset needs suite.haystack_path=PREFIX (a data_tools dataset)")
         return dataset_haystack(path)
-    raise ValueError(f"suite.haystack={kind!r}: expected ruler or one of {', '.join(HAYSTACKS)}")
+    raise ValueError(f"suite.haystack={kind!r}: expected one of {', '.join(HAYSTACKS)}")
