@@ -117,8 +117,10 @@ def test_keys_are_uuids_or_wonderwords_compounds():
     assert re.fullmatch(uuid, sample("niah_single_3").references[0])
     words = set(single_words())
     assert len(words) > 8000 and set(cwe_list(last_instance(sample("cwe").prompt, "Below is"))) <= words
-    many = english_words(numpy.random.default_rng(0), len(words) + 1)  # more than the lists hold: compounds
-    assert len(set(many)) == len(many) and all("-" in w for w in many)
+    many = english_words(numpy.random.default_rng(0), len(words) + 50)  # more than the lists hold
+    assert len(set(many)) == len(many) and set(many[:len(words)]) == words
+    assert all(w not in words and "-" in w for w in many[len(words):])  # then compounds
+    assert english_words(numpy.random.default_rng(0), 100) == many[:100]
 
 
 def ruler_defaults():

@@ -2,7 +2,7 @@
 the `wonderwords` package ships (read from its data files; nothing is downloaded).
 
 - keys: adjective-noun compounds ("quizzical-aardvark"), ~6.2M of them;
-- common words (cwe): the distinct single words of the three lists (~8.5k), or compounds when a
+- common words (cwe): the distinct single words of the three lists (~8.2k), then compounds when a
   sample needs more distinct words than that (RULER then switches to a larger word list of its own,
   kept in Git LFS, which is not available offline).
 """
@@ -57,9 +57,8 @@ def compounds(rng: numpy.random.Generator, count: int, taken: frozenset[str] = f
 
 
 def english_words(rng: numpy.random.Generator, count: int) -> list[str]:
-    """`count` distinct random English words: single words while the lists hold enough, else compounds.
-    The words drawn for `count` begin with those drawn for any smaller count (of the same kind)."""
+    """`count` distinct random English words: single words in random order, then (beyond the ~8.2k
+    the lists hold) compounds. The words drawn for `count` begin with those drawn for any smaller one."""
     pool = single_words()
-    if count > len(pool):
-        return compounds(rng, count)
-    return [pool[i] for i in rng.permutation(len(pool))[:count]]
+    words = [pool[i] for i in rng.permutation(len(pool))[:count]]
+    return words + compounds(rng, count - len(words), frozenset(pool)) if count > len(pool) else words
