@@ -123,6 +123,13 @@ def test_keys_are_uuids_or_wonderwords_compounds():
     assert english_words(numpy.random.default_rng(0), 100) == many[:100]
 
 
+def test_a_long_cwe_sample_fills_its_length():
+    """At 128k tokens (4 bytes each here) cwe needs more distinct words than the lists hold."""
+    s = sample("cwe", options={}, length=131072, count=lambda t: len(t.encode()) // 4, max_new_tokens=120)
+    assert 131072 - 120 - 20 < s.prompt_tokens <= 131072 - 120
+    assert len(set(cwe_list(last_instance(s.prompt, "Below is")))) > len(single_words())
+
+
 def ruler_defaults():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose("eval", overrides=["models=[x]"]).suite
