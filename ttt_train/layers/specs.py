@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from ttt_train.layers.norms import TorchNorm
 from ttt_train.layers.ttt_config import TTTConfig
+from ttt_train.runtime import megatron_compat
 
 BACKENDS = ("local", "te")
 
@@ -57,7 +58,7 @@ def ttt_layer_spec(base: ModuleSpec, ttt: TTTConfig, backend: str) -> ModuleSpec
 
     spec = copy.deepcopy(base)
     spec.module = TTTTransformerLayer
-    mlp_submodules = copy.deepcopy(spec.submodules.mlp.submodules)
+    mlp_submodules = copy.deepcopy(megatron_compat.mlp_submodules(spec.submodules.mlp))
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
 

@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.ops import LMAlignedTarget, inplace_ttt
 from ttt_train.ops.cp_scan import bytes_sent_per_call, cp_exclusive_scan, validate_cp_alignment
+from ttt_train.runtime import megatron_compat
 
 
 class _KnownMLPFilter(logging.Filter):
@@ -84,11 +85,16 @@ class TTTMLP(MLP):
     replicated over tensor-parallel ranks.
     """
 
-    def __init__(self, config, submodules, ttt: TTTConfig, tp_group=None, **kwargs):
+    def __init__(self, config, submodules, ttt: TTTConfig, tp_group=None, pg_collection=None,
+                 is_mtp_layer: bool = False, name: str | None = None):
+        """Built by megatron's `TransformerLayer` from a `ModuleSpec` (`params={"ttt": ...}`); what
+        else the layer passes depends on the megatron-core release (`megatron_compat.mlp_init_kwargs`)."""
         if not config.gated_linear_unit or config.add_bias_linear:
             raise ValueError("In-Place TTT needs a gated MLP without biases (gated_linear_unit=True, "
                              "add_bias_linear=False), as in Qwen3 and Llama-3.1")
-        super().__init__(config, submodules, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp_group, **kwargs)
+        megatron_compat.check_mlp_chunking(config, "In-Place TTT")
+        super().__init__(config, submodules, ffn_hidden_size=config.ffn_hidden_size,
+                         **megatron_compat.mlp_init_kwargs(tp_group=tp_group, pg_collection=pg_collection, name=name))
         self.ttt = ttt
         self.ttt_lr = float(ttt.lr)
         self.target_source = None
@@ -147,7 +153,7 @@ class TTTMLP(MLP):
         doc_ids = self._doc_ids(padding_mask, seq)
         v = self.ttt_target(source.transpose(0, 1), self.ttt.chunk_size, doc_ids)  # [b, S, d]
         v = tensor_parallel.copy_to_tensor_model_parallel_region(v)
-        tp_group = ps.get_tensor_model_parallel_group()
+        tp_group = self.tp_group  # resolved by megatron's MLP (pg_collection.tp or parallel_state)
         out = self._ttt_down_projection(z.transpose(0, 1), v, doc_ids,
                                         tp_group if tp_group.size() > 1 else None)  # [b, S, d] partial
         out = out.transpose(0, 1).contiguous()

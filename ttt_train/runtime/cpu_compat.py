@@ -1,4 +1,4 @@
-"""Patches that let megatron-core 0.16.1 train on a CPU-only torch build (gloo backend).
+"""Patches that let megatron-core (0.16.1 to 0.19) train on a CPU-only torch build (gloo backend).
 
 megatron-core assumes CUDA in a few dozen places (hard-coded `device='cuda'`, the CUDA RNG
 tracker, `torch.cuda.synchronize`, `Tensor.type()` checks). On a machine without CUDA,
@@ -15,6 +15,7 @@ and shows what breaks). They are never applied when CUDA is available.
 | P5 | `torch.cuda.synchronize` -> no-op | pipeline p2p and checkpoint save |
 | P6 | `tensor_parallel.random._CUDA_RNG_STATE_TRACKER` -> `CPURNGStatesTracker` | every forward forks the model-parallel RNG |
 | P7 | `tensor_parallel.random._get/_set_cuda_rng_state` -> CPU RNG | activation recompute saves and restores RNG states |
+| P8 | `torch.cuda.current_stream` -> `torch.cpu.current_stream` (megatron-core >= 0.19 only) | 0.19's DDP gradient sync waits on the current stream |
 
 Always build models with `use_cpu_initialization=True` on a CPU.
 """
@@ -27,8 +28,7 @@ import os
 
 import torch
 
-SUPPORTED_MEGATRON_VERSION = "0.16.1"
-PATCH_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
+PATCH_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand",
              "randint", "zeros_like", "ones_like", "empty_like", "full_like", "eye", "linspace")
 
@@ -75,8 +75,8 @@ def _megatron_random():
     if missing:
         raise MegatronVersionError(
             f"megatron-core {version}: megatron.core.tensor_parallel.random has no {missing}; the CPU "
-            f"patches were written for {SUPPORTED_MEGATRON_VERSION} (pin megatron-core=="
-            f"{SUPPORTED_MEGATRON_VERSION} or update ttt_train/runtime/cpu_compat.py)")
+            f"patches were written for megatron-core >=0.16.1,<0.20 (install one of those, or update "
+            f"ttt_train/runtime/cpu_compat.py)")
     return rng
 
 
@@ -143,12 +143,21 @@ def _apply_one(patch_id: str) -> None:
         rng = _megatron_random()
         rng._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
         rng._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    elif patch_id == "P8":
+        torch.cuda.current_stream = torch.cpu.current_stream
     elif patch_id == "P7":
         rng = _megatron_random()
         rng._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
         rng._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     else:
         raise ValueError(f"unknown CPU patch id {patch_id!r}; known: {PATCH_IDS}")
+
+
+def needed() -> tuple[str, ...]:
+    """The patch ids the installed megatron-core needs (`megatron_compat.cpu_patch_ids`)."""
+    from ttt_train.runtime import megatron_compat
+
+    return megatron_compat.cpu_patch_ids(PATCH_IDS)
 
 
 def apply(skip: tuple[str, ...] = ()) -> list[str]:
@@ -163,7 +172,7 @@ def apply(skip: tuple[str, ...] = ()) -> list[str]:
     unknown = skip - set(PATCH_IDS)
     if unknown:
         raise ValueError(f"TTT_CPU_COMPAT_SKIP names unknown patches {sorted(unknown)}; known: {PATCH_IDS}")
-    for patch_id in PATCH_IDS:
+    for patch_id in needed():
         if patch_id not in skip and patch_id not in _applied:
             _apply_one(patch_id)
             _applied.append(patch_id)

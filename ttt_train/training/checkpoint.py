@@ -45,12 +45,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ttt_train.runtime import megatron_compat
+
 LATEST = "latest"
 META = "ttt_meta.json"
 RANK_STATES = "rank_states"
 FORMAT = 2
 DISTRIB_OPTIM_SHARDING = "fully_reshardable"
-_SHARDS = ("metadata.json", ".metadata", "common.pt")  # what dist_checkpointing (torch_dist) writes
 _NO_FOLDER = "the folder itself"
 # Configuration keys that do not change what the tensors mean: a label.
 _MANIFEST_IGNORED = {"model": {"name"}}
@@ -220,8 +221,9 @@ def _stored_shapes(path: Path) -> dict[str, tuple | None]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    return {item.key: tuple(item.global_shape) if isinstance(item, ShardedTensor) else None
-            for item in load_sharded_metadata(str(path)).values()}
+    items = {item.key: item for item in load_sharded_metadata(str(path)).values()}
+    return {key: tuple(items[key].global_shape) if isinstance(items[key], ShardedTensor) else None
+            for key in megatron_compat.stored_tensor_keys(items)}
 
 
 def _natural(name: str) -> list:
@@ -355,7 +357,7 @@ def _missing_parts(path: Path) -> list[str]:
     """What a complete checkpoint folder has and `path` lacks ([] when complete)."""
     if not path.is_dir():
         return [_NO_FOLDER]
-    missing = [name for name in (META,) + _SHARDS if not (path / name).exists()]
+    missing = [name for name in (META,) + megatron_compat.dist_checkpoint_files(path) if not (path / name).exists()]
     if META not in missing:
         meta = json.loads((path / META).read_text())
         if meta.get("rank_states"):

@@ -52,11 +52,11 @@ class StopFlags:
         fails. An ignored signal stays ignored across exec; this rank's own handlers are restored
         right after. (The writer processes of each save are forked: they inherit the flag-only handler.)
         """
-        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+        from ttt_train.runtime import megatron_compat
 
         handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.previous}
         try:
-            _get_write_results_queue()
+            megatron_compat.write_results_queue()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)

@@ -60,9 +60,9 @@ def split_for_context_parallel(batch: dict) -> dict:
     Document ids are global (computed on the whole sequence), so fast-weight resets and the
     context-parallel scan agree across ranks.
     """
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from ttt_train.runtime import megatron_compat
 
-    return get_batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None})
+    return megatron_compat.batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None})
 
 
 def forward_step(data_iterator: Iterator[dict], model, position_buckets: int = 0):
