@@ -7,11 +7,12 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo lint bench bench-ops bench-driver bench-convert clean
+.PHONY: setup test test-fast demo lint bench bench-ops bench-driver bench-convert gpu-check clean
 
 setup: $(STAMP)
 
-# torch is installed first and pinned, so nothing later can pull a CUDA build on a CPU machine.
+# This machine's CPU build of torch is installed first, so the package's torch range (never an exact
+# pin) is already met and nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -47,6 +48,12 @@ bench-driver: setup
 # Peak memory and time of HF import/export of a random 0.6B Qwen3 (writes ~6 GB to a temporary folder).
 bench-convert: setup
 	$(PY) -m ttt_train.models.hf.bench_convert dir=$$(mktemp -d)/bench
+
+# Does this node run ttt-train correctly and fast? (real sizes on a GPU, toy sizes on a CPU; README
+# "Checking a GPU node"). No setup: on a GPU node it runs in the image's Python, whose CUDA torch stays.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) -m ttt_train.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache
