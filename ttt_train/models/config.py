@@ -146,6 +146,8 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from ttt_train.runtime.cp_attention_rules import resolve_cp_comm_type
+
     model.validate()
     if dtype not in DTYPES:
         raise ValueError(f"precision dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -177,6 +179,10 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,
+        cp_comm_type=resolve_cp_comm_type(parallel.cp_comm_type, cp=parallel.cp, tp=parallel.tp,
+                                          backend=model.backend, sliding_window=model.sliding_window,
+                                          num_attention_heads=model.num_attention_heads,
+                                          num_query_groups=model.num_query_groups),
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=torch_dtype,

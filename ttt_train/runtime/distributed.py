@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ttt_train.config_keys import build, check_fields, checked
+from ttt_train.runtime.cp_attention_rules import CP_COMM_TYPES
 
 
 @dataclass
@@ -22,7 +23,9 @@ class ParallelConfig:
 
     tp: tensor parallel size; pp: pipeline parallel size; cp: context parallel size;
     sequence_parallel: shard activations along the sequence inside TP regions (needs tp > 1 to
-    matter); seed: base seed for megatron's RNG trackers.
+    matter); seed: base seed for megatron's RNG trackers; cp_comm_type: attention's communication
+    under context parallelism (`auto`, `p2p`, `a2a`, `all_gather`, `a2a+p2p`; see
+    `ttt_train.runtime.cp_attention_rules`).
     """
 
     tp: int = checked(1, ge=1)
@@ -30,6 +33,7 @@ class ParallelConfig:
     cp: int = checked(1, ge=1)
     sequence_parallel: bool = False
     seed: int = checked(1234, ge=0)
+    cp_comm_type: str = checked("auto", choices=CP_COMM_TYPES)
 
     @classmethod
     def from_dict(cls, values) -> ParallelConfig:

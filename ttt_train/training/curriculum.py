@@ -10,6 +10,7 @@ fix, raised before any compute.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -22,6 +23,7 @@ from ttt_train.config_keys import checked_mapping
 from ttt_train.data.datasets import DataConfig
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.models.config import DTYPES, ModelConfig
+from ttt_train.runtime.cp_attention_rules import resolve_cp_comm_type
 from ttt_train.runtime.distributed import ParallelConfig
 from ttt_train.training.config import (
     SECTIONS,
@@ -135,6 +137,12 @@ def _check_rotary(model: ModelConfig, seq: int, where: str) -> None:
 def _check_parallel_fit(stage_ttt: TTTConfig, model: ModelConfig, parallel: ParallelConfig, seq: int,
                         where: str) -> None:
     cp = parallel.cp
+    try:
+        resolve_cp_comm_type(parallel.cp_comm_type, cp=cp, tp=parallel.tp, backend=model.backend,
+                             sliding_window=model.sliding_window, num_attention_heads=model.num_attention_heads,
+                             num_query_groups=model.num_query_groups)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     if cp > 1:
         _need(seq % (2 * cp) == 0, f"{where}.seq_length={seq} does not split into 2 * parallel.cp = {2 * cp} "
               f"shards; use a multiple of {2 * cp}")
@@ -272,6 +280,9 @@ def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
     _need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval}: must be >= 1")
     _need(cfg.logging.wandb.mode in ("offline", "online", "disabled"),
           f"logging.wandb.mode={cfg.logging.wandb.mode!r}: use offline, online or disabled")
+    _need(cfg.logging.wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
+          f"logging.wandb.mode={cfg.logging.wandb.mode}: the wandb package is not installed; pip install wandb, "
+          f"or set logging.wandb.mode=disabled (metrics.jsonl is written either way)")
     _need(cfg.validation.num_batches >= 1 and cfg.validation.position_buckets >= 1,
           "validation.num_batches and validation.position_buckets must be >= 1")
     _need(cfg.run.exit_after_minutes >= 0, "run.exit_after_minutes must be >= 0 (0: off)")
