@@ -83,6 +83,10 @@ def check_python_module(module: str, args: list[str]) -> None:
         from ttt_train.demo import compose
 
         compose(args)
+    elif module == "ttt_train.gpu_check":
+        from ttt_train.gpu_check import parse_args
+
+        parse_args(args)
     elif module in ("data_tools.tokenize", "data_tools.mixture"):
         import importlib
 
@@ -103,11 +107,37 @@ def check_lm_eval(words: list[str], monkeypatch) -> None:
     assert set(tasks) <= known, set(tasks) - known
 
 
+def check_offline_pip(words: list[str]) -> None:
+    """The README's wheels for an offline GPU node: requirements the package (or omegaconf) needs,
+    megatron-core without its dependencies (they would bring a torch) and in the supported range."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with_value = {"-d", "-w", "--find-links", "--python-version", "--platform", "--only-binary"}
+    names = [w for i, w in enumerate(words[2:], 2) if not w.startswith("-") and words[i - 1] not in with_value]
+    if names == ["."]:  # the package itself, from the checkout, its dependencies already there
+        assert "-e" in words and "--no-deps" in words, words
+        return
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    known = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    for name in names:
+        req = Requirement(name)
+        assert req.name in known or req.name == "antlr4-python3-runtime", name
+        pinned = next(iter(req.specifier), None)
+        if req.name in known and pinned is not None:
+            assert known[req.name].specifier.contains(pinned.version), (name, known[req.name])
+        if req.name == "megatron-core" and words[1] == "download":
+            assert "--no-deps" in words, words
+
+
 def check(words: list[str], monkeypatch) -> None:
     program = words[0]
     if program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert words[1] in targets, words
+    elif program == "pip" and (words[1] in ("download", "wheel") or "--no-index" in words):
+        check_offline_pip(words)
     elif program == "pip":
         extras = re.search(r'"\.\[([\w,]+)\]"', shlex.join(words)) or re.search(r"\.\[([\w,]+)\]", words[-1])
         pyproject = (ROOT / "pyproject.toml").read_text()
