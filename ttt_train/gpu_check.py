@@ -274,7 +274,16 @@ def _free() -> None:
 # ---------------------------------------------------------------- driver
 
 
-def run_checks(size_name: str, only: tuple[str, ...] = CHECKS) -> dict:
+def _write_json(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+
+
+def run_checks(size_name: str, only: tuple[str, ...] = CHECKS, out: Path | None = None) -> dict:
+    """Run the checks of `only` at `size_name`; the JSON at `out` is rewritten after each (so a run
+    stopped half-way still leaves what it measured, `finished: false`)."""
     size = SIZES[size_name]
     judged = size_name == "real"
     plan = {
@@ -303,9 +312,12 @@ def run_checks(size_name: str, only: tuple[str, ...] = CHECKS) -> dict:
             line.values["seconds"] = round(time.perf_counter() - t0, 2)
         lines.extend(new)
         print(_row(new), flush=True)
-    ok = all(line.status not in ("fail", "error") for line in lines)
-    return {"size": size_name, "judged": judged, "all_met": ok, "seconds": round(time.perf_counter() - started, 1),
-            "lines": [asdict(line) for line in lines]}
+        result = {"size": size_name, "judged": judged, "finished": name == [n for n in plan if n in only][-1],
+                  "all_met": all(line.status not in ("fail", "error") for line in lines),
+                  "seconds": round(time.perf_counter() - started, 1), "lines": [asdict(line) for line in lines]}
+        if out is not None:
+            _write_json(result, out)
+    return result
 
 
 def _row(lines: list[Line]) -> str:
@@ -332,12 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size, only = args.size, args.only
     print(f"ttt-train GPU check ({size} sizes{'' if size == 'real' else ', timings not judged'})", flush=True)
-    result = run_checks(size, only)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    result = run_checks(size, only, out)
     verdict = "every line meets its target" if result["all_met"] else "some lines FAIL"
     print(f"{verdict} ({result['seconds']} s); JSON: {out}", flush=True)
     return 0 if result["all_met"] else 1

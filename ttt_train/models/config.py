@@ -143,6 +143,8 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
     `recompute`: None, "selective" (core attention) or "full" (whole layers, uniform, 1 per chunk).
     The YaRN fields that megatron-core 0.16.1's GPTModel reads but its config lacks are set here.
     """
+    import importlib.util
+
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -190,7 +192,9 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
         bf16=dtype == "bf16",
         calculate_per_token_loss=True,
         bias_activation_fusion=False,
-        masked_softmax_fusion=torch.cuda.is_available(),
+        # megatron's fused softmax kernels come with Megatron-LM's build or Apex, not with megatron-core's wheel
+        masked_softmax_fusion=torch.cuda.is_available() and importlib.util.find_spec("scaled_masked_softmax_cuda")
+        is not None,
         apply_rope_fusion=False,
         # Per-layer checkpoint keys: TTT layers carry parameters other layers lack, and a plain
         # model's checkpoint then has the same layout as a TTT model's (it can seed one).
