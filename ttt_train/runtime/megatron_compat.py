@@ -1,17 +1,30 @@
 """Every difference between the megatron-core releases ttt-train supports (>= 0.16.1, < 0.20).
 
-The rest of the code calls these functions instead of testing versions itself. Each branch is
-named after the release that needs it (read off the releases' own sources, tags `core_v0.X.Y`):
+The rest of the code calls these functions instead of testing versions itself; each branch is
+named (`V0_18`, ...) after the release that needs it, as read off the releases' own sources
+(tags `core_v0.16.1` to `core_v0.19.0`, and the 0.19.2 wheel):
 
-| release | what changed | function here |
-|---------|--------------|---------------|
-| 0.16.1 | the baseline: `TransformerLayer` builds its MLP with `build_module(spec, config=...)` and an MLP spec is a `ModuleSpec` | all, `V0_16_1` branches |
-| 0.17 | MLP submodules are builder protocols (`submodules.linear_fc1(...)`, a `ModuleSpec` became callable); `filesystem_async._get_write_results_queue` renamed `get_write_results_queue` | `write_results_queue` |
-| 0.18 | `get_batch_on_this_cp_rank` takes `is_hybrid_cp` and reads `cp_group=None` as the world; `MlpBuilder` (#3435): the layer builds `submodules.mlp(config=, pg_collection=, is_mtp_layer=, name=)` and calls it with `padding_mask=`; the stock specs' MLP is a `functools.partial(MLP.as_mlp_submodule, submodules=...)`; `MLP.__init__` takes `name`; `mlp_chunks_for_training` splits the MLP along the sequence (without `padding_mask`) | `batch_on_this_cp_rank`, `mlp_submodules`, `mlp_init_kwargs`, `check_mlp_chunking` |
-| 0.19 | DDP's gradient sync calls `torch.cuda.current_stream()` (a CPU patch more); common checkpoint state moved from `common.pt` into the torch_dist files (`common_state`, #5160) and `dist_checkpointing/strategies/base.py` removed (#5134); THD RoPE under context parallelism reworked (#5243) | `cpu_patch_ids`, `dist_checkpoint_files`, `stored_tensor_keys` |
+- 0.16.1, the baseline: `TransformerLayer` builds its MLP with `build_module(spec, config=...)`,
+  a stock spec's MLP is a `ModuleSpec`, `common.pt` holds a checkpoint's common state.
+- 0.17: MLP submodules became builder protocols (`submodules.linear_fc1(...)`; a `ModuleSpec` is
+  callable), which a `ModuleSpec` of ours still satisfies; `filesystem_async.
+  _get_write_results_queue` was renamed `get_write_results_queue` -> `write_results_queue`.
+- 0.18: `MlpBuilder` (#3435): the layer builds `submodules.mlp(config=, pg_collection=,
+  is_mtp_layer=, name=)` and calls it with `padding_mask=`; a stock spec's MLP is a
+  `functools.partial(MLP.as_mlp_submodule, submodules=...)`; `MLP.__init__` takes `name` ->
+  `mlp_submodules`, `mlp_init_kwargs`. `mlp_chunks_for_training` calls the MLP on pieces of the
+  sequence without `padding_mask` -> `check_mlp_chunking` refuses it for In-Place TTT.
+  `get_batch_on_this_cp_rank` takes `is_hybrid_cp` and reads `cp_group=None` as the whole world,
+  and splits packed (THD) batches per document -> `batch_on_this_cp_rank`.
+- 0.19: DDP's gradient sync calls `torch.cuda.current_stream()` -> `cpu_patch_ids` (CPU patch
+  P8); a checkpoint's common state moved from `common.pt` into the torch_dist files as the object
+  `common_state` (#5160) -> `dist_checkpoint_files`, `stored_tensor_keys`.
+  `dist_checkpointing/strategies/base.py` was removed (#5134): ttt-train never imported it.
+  THD RoPE under context parallelism was reworked (#5243): it concerns packed sequences only;
+  ttt-train's padded batches take the unchanged path (its CP tests pass on 0.19.2).
 
-`version()` reads `megatron.core.package_info` (importing megatron-core, seconds); the rest import
-only what they use.
+`version()` reads `megatron.core.package_info` (importing megatron-core, seconds);
+`dist_checkpoint_files` reads only the checkpoint folder.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import functools
 import warnings
 
 SUPPORTED = ((0, 16, 1), (0, 20, 0))  # [lowest, first unsupported): pyproject's megatron-core range
+V0_16_1 = (0, 16, 1)
 V0_17 = (0, 17, 0)
 V0_18 = (0, 18, 0)
 V0_19 = (0, 19, 0)
@@ -161,7 +175,6 @@ def stored_tensor_keys(keys):
     """Checkpoint keys of the application's state, without dist_checkpointing's own entries
     (V0_19: `common_state`, the common state's ShardedObject)."""
     return [key for key in keys if key != "common_state"]
-
 
 
 def write_results_queue():
