@@ -85,3 +85,30 @@ def test_packed_batches_need_padding_and_a_release_that_splits_them(release):
     release("0.19.2")
     with pytest.raises(ValueError, match=r"lengths \[6\] are not multiples of 2 \* cp = 4"):
         mc.batch_on_this_cp_rank(dict(batch), group)
+
+
+def build_ttt_model_with_mlp_chunks(chunks: int) -> str:
+    """Build a tiny TTT model whose config asks megatron to chunk the MLP (the 0.18 field, set as an
+    attribute on older releases); return the error, or "" when it builds."""
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
+    from ttt_train.runtime.distributed import ParallelConfig, initialize
+
+    parallel = ParallelConfig()
+    initialize(parallel)
+    model_cfg = load_model_config("tiny")
+    config = to_transformer_config(model_cfg, parallel)
+    config.mlp_chunks_for_training = chunks
+    try:
+        build_gpt_model(model_cfg, config, ttt=TTTConfig.from_dict({"layers": [0]}))
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def test_ttt_model_refuses_megatron_mlp_chunking():
+    from ttt_train.runtime.local_ranks import run_local_ranks
+
+    assert run_local_ranks(build_ttt_model_with_mlp_chunks, 1, 1, timeout=300) == [""]
+    (error,) = run_local_ranks(build_ttt_model_with_mlp_chunks, 1, 2, timeout=300)
+    assert "In-Place TTT: megatron's mlp_chunks_for_training=2 splits the MLP" in error
