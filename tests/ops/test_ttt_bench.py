@@ -33,11 +33,14 @@ def test_bench_json_tiny():
         assert res[f"{name}_peak_extra_mib"] > 0
     for key in ("ttt_over_plain_mlp", "ttt_over_materialized", "memory_method"):
         assert key in res
-    # default cp=8, tp=1, state [1, 4, 8] float32: 2*(cp-1) = 14 messages each way, forward ones
-    # carry the int64 key (8 + 128 bytes), backward ones only the gradient (128 bytes); a middle
-    # rank sends two of each
-    assert res["cp_scan_bytes_per_layer_step_all_ranks"] == 14 * 136 + 14 * 128
-    assert res["cp_scan_bytes_per_layer_step_max_rank"] == 2 * 136 + 2 * 128
+    # default cp=8, tp=1, state [1, 4, 8] float32: 2*(cp-1) = 14 ring messages each way, forward ones
+    # carry the int64 depth and key (16 + 128 bytes), backward ones the depth and the gradient (8 + 128
+    # bytes); a middle rank sends two of each
+    assert res["cp_scan_bytes_per_layer_step_all_ranks"] == 14 * 144 + 14 * 136
+    assert res["cp_scan_bytes_per_layer_step_max_rank"] == 2 * 144 + 2 * 136
+    # log: 3 levels; a rank sends at most 6 forward totals (8 + 136 each: one total per message)
+    # and 3 backward messages (two totals fused but for one at the last level)
+    assert res["cp_scan_log_bytes_per_layer_step_max_rank"] == 6 * 144 + 3 * 8 + 6 * 136
     assert res["ttt_over_plain_mlp"] == pytest.approx(res["ttt_mlp_ms"] / res["plain_mlp_ms"], rel=1e-3)
     assert res["ttt_over_materialized"] == pytest.approx(res["ttt_down_ms"] / res["materialized_down_ms"], rel=1e-3)
 
