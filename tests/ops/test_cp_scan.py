@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 import torch.distributed.distributed_c10d as c10d
 
 from ttt_train.ops.cp_scan import (
@@ -150,10 +149,13 @@ def test_traffic_log_closed_form_for_powers_of_two(cp):
 # ----------------------------------------------------------------------------- the hypercube in one process
 
 
-def _simulate(cp, layout, element, merge, backward, late):
-    """Run every rank's Hypercube of one call in memory; returns (results per rank, rounds)."""
+def _simulate(cp, layout, keys, values, merge, backward, late):
+    """Run every rank's Hypercube of one call in memory (segment s's element: (keys[s], values[s]));
+    returns (results per rank, rounds)."""
     streams, local = log_scan._streams(layout, backward, late)
-    cubes = [log_scan.Hypercube(cp, r, streams, [element(r, i) for i in local], merge) for r in range(cp)]
+    order = segment_order(cp, layout)
+    cubes = [log_scan.Hypercube(cp, r, streams, [(keys[order[r][i]], values[order[r][i]]) for i in local], merge)
+             for r in range(cp)]
     rounds = len(cubes[0].rounds)
     for j in range(rounds):
         out = [c.outgoing(j) for c in cubes]
@@ -178,8 +180,7 @@ def test_hypercube_simulated_equals_reference(layout):
             w = torch.randn_like(ref_s)
             (ref_g,) = torch.autograd.grad((w * ref_s).sum() + 0 * sums.sum(), sums)
             for late in (False, True) if layout == "load_balanced" else (False,):
-                res, rounds = _simulate(cp, layout, lambda r, i: (keys[order[r][i]], sums.detach()[order[r][i]]),
-                                        log_scan.key_merge, False, late)
+                res, rounds = _simulate(cp, layout, keys, sums.detach(), log_scan.key_merge, False, late)
                 assert rounds == log_scan.num_levels(cp) + (late and cp > 1)
                 for r in range(cp):
                     for i, seg in enumerate(order[r]):
@@ -189,8 +190,7 @@ def test_hypercube_simulated_equals_reference(layout):
                         assert torch.equal(res[r][i][0], ref_k[seg]), (cp, r, seg)
                         torch.testing.assert_close(res[r][i][1], ref_s[seg], rtol=0, atol=1e-12)
             gates = (ref_k == keys).long()
-            res, _ = _simulate(cp, layout, lambda r, i: (gates[order[r][i]], w[order[r][i]]),
-                               log_scan.gate_merge, True, False)
+            res, _ = _simulate(cp, layout, gates, w, log_scan.gate_merge, True, False)
             for r in range(cp):
                 for i, seg in enumerate(order[r]):
                     if res[r][i] is None:
@@ -321,7 +321,7 @@ def _rank_main(world, algorithms=ALGORITHMS):
         start = time.time()  # rank 0: the moment it begins (and can first send)
         stamps = {}
         cp_exclusive_scan(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, 1, 1), layout="contiguous",
-                          algorithm=algorithm, while_waiting=lambda: stamps.setdefault("ww", time.time()))
+                          algorithm=algorithm, while_waiting=lambda stamps=stamps: stamps.setdefault("ww", time.time()))
         out[("timing", algorithm)] = (start, stamps["ww"])
     # late sums must be trailing, with a producer
     try:

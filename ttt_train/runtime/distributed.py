@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ttt_train.config_keys import build, check_fields, checked
+from ttt_train.runtime.links import LinkConfig
 
 
 @dataclass
@@ -23,6 +24,9 @@ class ParallelConfig:
     tp: tensor parallel size; pp: pipeline parallel size; cp: context parallel size;
     sequence_parallel: shard activations along the sequence inside TP regions (needs tp > 1 to
     matter); seed: base seed for megatron's RNG trackers.
+    cp_scan: the TTT fast-weight scan over CP ranks: "ring" (2*(cp-1) hops), "log" (about log2(cp)
+    rounds, more bytes) or "auto" (the faster on `links` by the alpha-beta model, per call);
+    links: the network model (`runtime/links.py`).
     """
 
     tp: int = checked(1, ge=1)
@@ -30,6 +34,8 @@ class ParallelConfig:
     cp: int = checked(1, ge=1)
     sequence_parallel: bool = False
     seed: int = checked(1234, ge=0)
+    cp_scan: str = checked("auto", choices=("ring", "log", "auto"))
+    links: LinkConfig = checked(default_factory=LinkConfig)
 
     @classmethod
     def from_dict(cls, values) -> ParallelConfig:
