@@ -251,10 +251,11 @@ class _CountSends:
         dist.isend = c10d.isend = self._orig
 
 
-def _check_scan(group, layout, kind, seed, algorithm, b=2, d=3, h=2, dtype=F64, late=False):
+def _check_scan(group, layout, kind, seed, algorithm, b=2, d=3, h=2, dtype=F64, late=False, wire=None):
     """Run the scan on this rank's slice of a global case; return errors vs the reference and the
     counts (the scan's, an independent isend counter's, the traffic model's).
-    With `late`, the rank's last segment sum is produced by while_waiting (late sums)."""
+    With `late`, the rank's last segment sum is produced by while_waiting (late sums); `wire`: the
+    scan's wire dtype."""
     cp, r = dist.get_world_size(group), dist.get_rank(group)
     n = num_segments(cp, layout)
     keys, sums, w = _case(seed, n, b, d, h, kind, dtype)
@@ -268,18 +269,20 @@ def _check_scan(group, layout, kind, seed, algorithm, b=2, d=3, h=2, dtype=F64, 
     with _CountSends() as fwd:
         if uses_late:
             pk, ps, extra = cp_exclusive_scan(keys[idx], [local[0], None], group=group, layout=layout,
-                                              algorithm=algorithm, stats=stats,
+                                              algorithm=algorithm, stats=stats, wire_dtype=wire,
                                               while_waiting=lambda: (calls.append(1) or local * 2, [local[1] * 1]))
         else:
             pk, ps, extra = cp_exclusive_scan(keys[idx], local, group=group, layout=layout, algorithm=algorithm,
-                                              stats=stats, while_waiting=lambda: calls.append(1) or local * 2)
+                                              stats=stats, wire_dtype=wire,
+                                              while_waiting=lambda: calls.append(1) or local * 2)
     with _CountSends() as bwd:
         (w[idx] * ps).sum().backward()
-    model = scan_traffic(cp, (b, d, h), algorithm=algorithm, layout=layout, dtype=dtype, late=uses_late)
+    model = scan_traffic(cp, (b, d, h), algorithm=algorithm, layout=layout, dtype=wire or dtype, late=uses_late)
     return dict(
         keys_equal=torch.equal(pk, ref_k[idx]),
         fwd_err=(ps - ref_s[idx]).abs().max().item(),
         bwd_err=(local.grad - ref_grad[idx]).abs().max().item(),
+        scale=(ref_s.abs().max().item(), ref_grad.abs().max().item()),
         shapes=(tuple(pk.shape), tuple(ps.shape), ps.dtype) == ((len(idx), b), (len(idx), b, d, h), dtype),
         ww_calls=len(calls), ww_grad=extra is not None and extra.requires_grad and torch.equal(extra, local * 2),
         counted=stats.as_dict(), isend=((fwd.messages, fwd.bytes), (bwd.messages, bwd.bytes)),
@@ -299,6 +302,9 @@ def _rank_main(world, algorithms=ALGORITHMS):
                                                                    h=3, dtype=torch.float32)
             out[("world", algorithm, layout, "late")] = _check_scan(None, layout, "pattern", 200 + world, algorithm,
                                                                     late=True)
+            out[("wire_bf16", algorithm, layout)] = _check_scan(None, layout, "random", 300 + world, algorithm, b=2,
+                                                                d=8, h=8, dtype=torch.float32, late=True,
+                                                                wire=torch.bfloat16)
     # subgroups: world 2 -> two CP groups of 1; world 4 -> TP=2 x CP=2 (CP groups {0,2} and {1,3});
     # world 8 -> TP=2 x CP=4
     if world in (2, 4, 8):
@@ -382,6 +388,18 @@ def test_backward_matches_reference(world):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
+def test_bf16_wire_rounds_within_bf16_precision(world):
+    """float32 sums sent as bfloat16: results differ from the float32 reference, by bf16 rounding only."""
+    results = _scan_results(world, ("wire_bf16",))
+    assert len(results) == world * len(ALGORITHMS) * len(LAYOUTS)
+    for r, key, v in results:
+        assert v["keys_equal"] and v["shapes"], (r, key)
+        assert v["fwd_err"] <= 2e-2 * v["scale"][0] and v["bwd_err"] <= 2e-2 * v["scale"][1], (r, key, v)
+    assert max(v["fwd_err"] for *_, v in results) > 1e-6 and max(v["bwd_err"] for *_, v in results) > 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
 def test_while_waiting_called_once_and_returned(world):
     res = _launch(world)
     for r, key, v in _scan_results(world, ("world", "world_f32_b1", "subgroup")):
@@ -402,7 +420,7 @@ def test_while_waiting_called_once_and_returned(world):
 def test_counted_traffic_equals_model_and_isend(world):
     """Each rank's counted rounds, messages and bytes (both directions) equal the traffic model's, and
     the sends equal an independent count of the tensors handed to isend."""
-    results = _scan_results(world, ("world", "world_f32_b1", "subgroup"))
+    results = _scan_results(world, ("world", "world_f32_b1", "subgroup", "wire_bf16"))
     for r, key, v in results:
         counted = v["counted"]
         assert counted["algorithm"] == key[1], (r, key)

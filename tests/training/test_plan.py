@@ -182,9 +182,13 @@ def test_paper_stage2_scan_cost_and_warning():
                             peak_tflops=989.0)
     assert "cp scan (parallel.cp_scan=auto -> log)" in text and "ring hops across nodes: 14 of 30" in text
     assert "WARNING: the cp scan is" in text  # 6.5% by the default links
+    bf16 = plan.scan_cost(model_cfg, ttt_cfg, ParallelConfig(tp=4, cp=16, sequence_parallel=True, cp_scan_wire="bf16"),
+                          micro_batch=1, recompute="full", num_microbatches=16)
+    assert bf16["log"]["sent"] == (8 * (16 + state // 2), 4 * 8 + 8 * (8 + state // 2))
     ring_only = ParallelConfig(tp=4, cp=16, sequence_parallel=True, cp_scan="ring")
     fast = ParallelConfig(tp=4, cp=16, sequence_parallel=True, links=LinkConfig(inter_node_gb_per_s=400.0))
-    for p, warned in ((ring_only, True), (fast, False)):
+    half = ParallelConfig(tp=4, cp=16, sequence_parallel=True, cp_scan_wire="bf16")  # 3.3%
+    for p, warned in ((ring_only, True), (fast, False), (half, False)):
         text = plan.format_plan(model_cfg, ttt_cfg, p, micro_batch=1, seq_length=131072, dtype="bf16",
                                 recompute="full", dp=1, tokens_per_step=16 * 131072, peak_tflops=989.0)
         assert ("WARNING: the cp scan is" in text) == warned, text

@@ -211,17 +211,19 @@ class TTTMLP(MLP):
         self._record_stats(stats.update_norms, stats.clipped, delta, v, norm_group)
         return out
 
-    def _scan_algorithm(self, cp_group, state: torch.Tensor) -> str:
-        """`parallel.cp_scan`; "auto": the faster by the alpha-beta model (`parallel.links`) for this
-        state and this CP group's placement (nodes of `LOCAL_WORLD_SIZE` consecutive global ranks
-        under torchrun, else `links.gpus_per_node`): the same answer on every rank of the group."""
+    def _scan_settings(self, cp_group, state: torch.Tensor) -> tuple[str, torch.dtype]:
+        """(algorithm, wire dtype) of the CP scan: `parallel.cp_scan` and `parallel.cp_scan_wire`. "auto":
+        the faster by the alpha-beta model (`parallel.links`) for this state and this CP group's
+        placement (nodes of `LOCAL_WORLD_SIZE` consecutive global ranks under torchrun, else
+        `links.gpus_per_node`): the same answer on every rank of the group."""
+        wire = torch.bfloat16 if getattr(self.config, "ttt_cp_scan_wire", "fp32") == "bf16" else state.dtype
         choice = getattr(self.config, "ttt_cp_scan", "auto")
         if choice != "auto":
-            return choice
+            return choice, wire
         links = getattr(self.config, "ttt_cp_links", None) or LinkConfig()
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", links.gpus_per_node))
         nodes = tuple(r // per_node for r in torch.distributed.get_process_group_ranks(cp_group))
-        return choose_algorithm(len(nodes), tuple(state.shape), state.dtype, nodes, *links_of(links))
+        return choose_algorithm(len(nodes), tuple(state.shape), wire, nodes, *links_of(links)), wire
 
     def _context_parallel_ttt(self, z, v, doc_ids, cp_group, kwargs):
         """In-Place TTT on this rank's two load-balanced shards (METHOD.md section 6).
@@ -229,7 +231,7 @@ class TTTMLP(MLP):
         Each shard first runs from `weight` alone: its output and its own update sum (final state
         minus weight: the updates of its last document) need nothing from other ranks. The sums go
         through the distributed exclusive scan (`parallel.cp_scan`: ring or log, see
-        `_scan_algorithm`), and the second shard's run overlaps the scan's first messages (its sum
+        `_scan_settings`), and the second shard's run overlaps the scan's first messages (its sum
         is first needed on the ring's return pass, in the log scan's second round). A shard whose first
         token continues the document its received prefix P ends in then adds `Z P^T` on that
         document's tokens: exactly the run from initial state `weight + P`, since updates add up
@@ -259,9 +261,10 @@ class TTTMLP(MLP):
 
         keys = torch.stack([doc_ids[:, shard][:, -1] for shard in shards])
         self.scan_stats = ScanStats()
+        algorithm, wire = self._scan_settings(cp_group, sum_first)
         prefix_keys, prefix_sums, out_second = cp_exclusive_scan(
             keys, [sum_first, None], group=cp_group, layout="load_balanced", while_waiting=while_waiting,
-            algorithm=self._scan_algorithm(cp_group, sum_first), stats=self.scan_stats)
+            algorithm=algorithm, stats=self.scan_stats, wire_dtype=wire)
         outputs = []
         for i, (shard, out) in enumerate(zip(shards, (out_first, out_second))):
             docs = doc_ids[:, shard]

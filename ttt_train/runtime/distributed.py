@@ -26,7 +26,9 @@ class ParallelConfig:
     matter); seed: base seed for megatron's RNG trackers.
     cp_scan: the TTT fast-weight scan over CP ranks: "ring" (2*(cp-1) hops), "log" (about log2(cp)
     rounds, more bytes) or "auto" (the faster on `links` by the alpha-beta model, per call);
-    links: the network model (`runtime/links.py`).
+    cp_scan_wire: the dtype its partial sums travel in, "fp32" or "bf16" (half the bytes, rounded
+    per message, accumulated in fp32; measured on a Qwen3-4B TP-4 state at cp 8: prefixes within
+    2e-3 (log) / 2.5e-3 (ring) relative of fp32's); links: the network model (`runtime/links.py`).
     """
 
     tp: int = checked(1, ge=1)
@@ -35,6 +37,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     seed: int = checked(1234, ge=0)
     cp_scan: str = checked("auto", choices=("ring", "log", "auto"))
+    cp_scan_wire: str = checked("fp32", choices=("fp32", "bf16"))
     links: LinkConfig = checked(default_factory=LinkConfig)
 
     @classmethod

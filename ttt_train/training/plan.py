@@ -263,8 +263,9 @@ def scan_cost(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: Paral
     (None without CP or TTT). For "ring" and "log": `rounds` and `sent` / `received` (the most bytes
     one rank moves) of one call (forward, backward), `call_s` (forward, backward) and `step_s`
     estimated; `chosen`: the algorithm `parallel.cp_scan` runs ("auto" resolved as at run time);
-    `calls`: (forward, backward) calls per step; `state`: the scan's fp32 state shape; `crossing`: CP
-    hops of the ring crossing nodes. The slowest TP rank's CP group (megatron's order) is modelled."""
+    `calls`: (forward, backward) calls per step; `state`: the scan's fp32 state shape (sent in
+    `parallel.cp_scan_wire`); `crossing`: CP hops of the ring crossing nodes. The slowest TP rank's
+    CP group (megatron's order) is modelled."""
     m = model_cfg.validate()
     n_ttt = max((sum(i in stage_layers(m, parallel.pp, s) for i in _ttt_layers(m, ttt_cfg))
                  for s in range(parallel.pp)), default=0)
@@ -272,13 +273,14 @@ def scan_cost(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: Paral
         return None
     cp, links = parallel.cp, parallel.links
     shape = (micro_batch, m.hidden_size, m.ffn_hidden_size // parallel.tp)
+    wire = torch.bfloat16 if parallel.cp_scan_wire == "bf16" else torch.float32  # the TTT state is fp32
     intra, inter = links_of(links)
     forwards = 2 if recompute == "full" else 1
     calls = (n_ttt * num_microbatches * forwards, n_ttt * num_microbatches)
     groups = [tuple(g // links.gpus_per_node for g in megatron_cp_ranks(parallel.tp, cp, t)) for t in range(parallel.tp)]
     out = {"state": shape, "calls": calls, "layers": n_ttt, "forwards_per_layer": forwards}
     for algorithm in ("ring", "log"):
-        traffic = scan_traffic(cp, shape, algorithm=algorithm, dtype=torch.float32)
+        traffic = scan_traffic(cp, shape, algorithm=algorithm, dtype=wire)
         call = max((scan_seconds(traffic, nodes, intra, inter) for nodes in groups), key=sum)
         out[algorithm] = {"rounds": (traffic.forward.rounds, traffic.backward.rounds),
                           "sent": (traffic.forward.max_bytes_sent, traffic.backward.max_bytes_sent),
@@ -287,7 +289,7 @@ def scan_cost(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: Paral
     worst = max(groups, key=lambda nodes: sum(nodes[c] != nodes[c + 1] for c in range(cp - 1)))
     out["crossing"] = 2 * sum(worst[c] != worst[c + 1] for c in range(cp - 1))
     out["chosen"] = parallel.cp_scan if parallel.cp_scan != "auto" else choose_algorithm(
-        cp, shape, torch.float32, worst, intra, inter)
+        cp, shape, wire, worst, intra, inter)
     return out
 
 
@@ -302,8 +304,9 @@ def step_compute_seconds(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, seq_
 def _format_scan(cost: dict, parallel: ParallelConfig, compute_s: float | None, peak_tflops: float | None) -> list[str]:
     b, d, h = cost["state"]
     links = parallel.links
-    lines = [f"cp scan (parallel.cp_scan={parallel.cp_scan} -> {cost['chosen']}): state {b} x {d} x {h} fp32 "
-             f"({b * d * h * FP32 / MIB:.1f} MiB), {cost['layers']} TTT layers x {cost['calls'][1] // cost['layers']} "
+    wire = parallel.cp_scan_wire
+    lines = [f"cp scan (parallel.cp_scan={parallel.cp_scan} -> {cost['chosen']}): state {b} x {d} x {h} fp32, sent "
+             f"as {wire} ({b * d * h * (FP32 if wire == 'fp32' else 2) / MIB:.1f} MiB), {cost['layers']} TTT layers x {cost['calls'][1] // cost['layers']} "
              f"micro-batches x ({cost['forwards_per_layer']} forward + 1 backward) calls per step",
              f"  links: {links.gpus_per_node} GPUs per node, intra {links.intra_node_latency_us:g} us "
              f"{links.intra_node_gb_per_s:g} GB/s, inter {links.inter_node_latency_us:g} us "
@@ -325,7 +328,8 @@ def _format_scan(cost: dict, parallel: ParallelConfig, compute_s: float | None, 
         other = "log" if cost["chosen"] == "ring" else "ring"
         lines.append(f"  WARNING: the cp scan is {100 * share:.1f}% of the step's compute (> "
                      f"{100 * SCAN_WARN_FRACTION:.0f}%); {other}: {100 * cost[other]['step_s'] / compute_s:.1f}%. "
-                     f"Fewer CP ranks (more TP or DP), or links faster than parallel.links, shrink it")
+                     f"Fewer CP ranks (more TP or DP), faster links than parallel.links"
+                     + (", or parallel.cp_scan_wire=bf16 (half the bytes)" if wire == "fp32" else "") + " shrink it")
     return lines
 
 

@@ -153,7 +153,8 @@ def _traffic(algorithm: str, cp: int, shape: tuple[int, int, int], dtype: torch.
 def scan_traffic(cp_size: int, shape: tuple[int, int, int], *, algorithm: str = "ring",
                  layout: str = "load_balanced", dtype: torch.dtype = torch.float32, late: bool = True
                  ) -> ScanTraffic:
-    """Messages of one call whose per-segment state has shape ``(B, d, h)`` (``late``: the second
-    segment's sum comes from ``while_waiting``, as in ``TTTMLP``; it changes only the log forward).
+    """Messages of one call whose per-segment state has shape ``(B, d, h)`` and travels as ``dtype``
+    (the scan's wire dtype) (``late``: the second segment's sum comes from ``while_waiting``, as in
+    ``TTTMLP``; it changes only the log forward).
     Multiply by the TTT layers and micro-batches (and forward passes) for a step."""
     return _traffic(algorithm, cp_size, tuple(int(s) for s in shape), dtype, layout, late)

@@ -183,20 +183,20 @@ class _Round:
     """The P2P operations of one posted round, its receive buffers and its works."""
 
     def __init__(self, cube: Hypercube, j: int, group, tag: int, shape: torch.Size, dtype: torch.dtype,
-                 device, batch: int, count: ScanCount):
-        ops, self.recv, self.shape, self.dtype = [], [], shape, dtype
+                 wire: torch.dtype, device, batch: int, count: ScanCount):
+        ops, self.recv, self.shape, self.dtype, self.wire = [], [], shape, dtype, wire
         self.batch, self.count, self.keep_alive = batch, count, []
         for peer, parts in sorted(cube.outgoing(j).items()):
-            buf, depth, keys, states = new_message(batch * len(parts), len(parts), shape, dtype, device)
+            buf, depth, keys, states = new_message(batch * len(parts), len(parts), shape, wire, device)
             count.stamp(depth)
             for p, (key, state) in enumerate(parts):
                 keys[p * batch:(p + 1) * batch].copy_(key)
-                states[p].copy_(state)
+                states[p].copy_(state)  # (rounded to the wire dtype)
             ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(group, peer), group, tag))
             count.sent(buf)
             self.keep_alive.append(buf)
         for peer, n in sorted(cube.incoming(j).items()):
-            buf = torch.empty(message_bytes(batch * n, n, tuple(shape), dtype), dtype=torch.uint8, device=device)
+            buf = torch.empty(message_bytes(batch * n, n, tuple(shape), wire), dtype=torch.uint8, device=device)
             ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer), group, tag))
             self.recv.append((peer, n, buf))
         self.works = dist.batch_isend_irecv(ops) if ops else []
@@ -207,8 +207,8 @@ class _Round:
         received = {}
         for peer, n, buf in self.recv:
             self.count.received(buf)
-            _, keys, states = views(buf, self.batch * n, n, self.shape, self.dtype)
-            received[peer] = [(keys[p * self.batch:(p + 1) * self.batch], states[p]) for p in range(n)]
+            _, keys, states = views(buf, self.batch * n, n, self.shape, self.wire)
+            received[peer] = [(keys[p * self.batch:(p + 1) * self.batch], states[p].to(self.dtype)) for p in range(n)]
         return received
 
 
@@ -238,8 +238,8 @@ class LogForward:
     """State of one forward call (the interface ``scan.cp_exclusive_scan`` drives)."""
 
     def __init__(self, keys: torch.Tensor, sums: list, group, cp_rank: int, cp_size: int, layout: str,
-                 count: ScanCount):
-        self.keys, self.layout, self.group, self.count = keys, layout, group, count
+                 count: ScanCount, wire: torch.dtype):
+        self.keys, self.layout, self.group, self.count, self.wire = keys, layout, group, count, wire
         first = sums[0].detach()
         self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
         late = any(s is None for s in sums)
@@ -249,7 +249,7 @@ class LogForward:
         self.next_round, self.pending = 0, None
 
     def _post(self) -> None:
-        self.pending = _Round(self.cube, self.next_round, self.group, _FWD_TAG, self.shape, self.dtype,
+        self.pending = _Round(self.cube, self.next_round, self.group, _FWD_TAG, self.shape, self.dtype, self.wire,
                               self.device, self.keys.shape[1], self.count)
 
     def start(self) -> None:
@@ -279,14 +279,14 @@ class LogForward:
 
 
 def log_backward(grad: torch.Tensor, gates: torch.Tensor, group, cp_rank: int, cp_size: int, layout: str,
-                 count: ScanCount) -> torch.Tensor:
+                 count: ScanCount, wire: torch.dtype) -> torch.Tensor:
     """Suffix scan of prefix gradients ``grad`` ``[m, B, d, h]`` with gates ``[m, B]`` (int64 0/1:
-    the segment's prefix carries through it); returns d loss / d local sums ``[m, B, d, h]``."""
+    the segment's prefix carries through it), messages in ``wire``; returns d loss / d local sums."""
     streams, local = _streams(layout, backward=True, late=False)
     cube = Hypercube(cp_size, cp_rank, streams, [(gates[i], grad[i]) for i in local], gate_merge)
     with torch.no_grad():
         for j in range(len(cube.rounds)):
-            cube.absorb(j, _Round(cube, j, group, _BWD_TAG, grad.shape[1:], grad.dtype, grad.device,
+            cube.absorb(j, _Round(cube, j, group, _BWD_TAG, grad.shape[1:], grad.dtype, wire, grad.device,
                                   grad.shape[1], count).wait())
         out = _results(cube, layout, backward=True)
     return torch.stack([r[1] if r is not None else torch.zeros_like(grad[i]) for i, r in enumerate(out)])

@@ -76,24 +76,26 @@ class _Chain:
 
 
 class RingForward:
-    """State of one forward call: local inputs (detached), outputs, and the chain."""
+    """State of one forward call: local inputs (detached), outputs, and the chain. Messages carry the
+    running prefix in ``wire`` (a narrower dtype rounds it at each hop; it accumulates in the sums' dtype)."""
 
-    def __init__(self, keys, sums: list, group, cp_rank, cp_size, layout, count: ScanCount):
+    def __init__(self, keys, sums: list, group, cp_rank, cp_size, layout, count: ScanCount, wire: torch.dtype):
         self.keys, self.sums = keys, [s.detach() if s is not None else None for s in sums]
         self.count = count
         first = self.sums[0]
-        self.shape, self.dtype = first.shape, first.dtype
+        self.shape, self.dtype, self.wire = first.shape, first.dtype, wire
         m, self.batch = keys.shape
         self.out_k: list = [None] * m
         self.out_s: list = [None] * m
         self.carry = None
-        nbytes = message_bytes(self.batch, 1, tuple(self.shape), self.dtype)
+        nbytes = message_bytes(self.batch, 1, tuple(self.shape), wire)
         self.chain = _Chain(group, chain_walk(cp_size, layout, cp_rank), _FWD_TAG, nbytes, first.device, count,
                             self._step, ready=lambda i: self.sums[i] is not None)
 
     def _step(self, i: int, msg, want_out: bool):
         if msg is not None:
-            _, pk, (ps,) = views(msg, self.batch, 1, self.shape, self.dtype)
+            _, pk, (ps,) = views(msg, self.batch, 1, self.shape, self.wire)
+            ps = ps.to(self.dtype)
         elif self.carry is not None:
             pk, ps = self.carry
         else:  # start of the chain: identity
@@ -103,11 +105,14 @@ class RingForward:
         if not want_out:
             self.carry = (self.keys[i], torch.addcmul(self.sums[i], gate, ps))
             return None
-        msg, depth, key, (s,) = new_message(self.batch, 1, self.shape, self.dtype, ps.device)
+        msg, depth, key, (s,) = new_message(self.batch, 1, self.shape, self.wire, ps.device)
         self.count.stamp(depth)
         key.copy_(self.keys[i])
-        torch.addcmul(self.sums[i], gate, ps, out=s)  # the running state is written straight into the message
-        self.carry = (key, s)
+        if self.wire == self.dtype:  # the running state is written straight into the message
+            self.carry = (key, torch.addcmul(self.sums[i], gate, ps, out=s))
+        else:
+            self.carry = (key, torch.addcmul(self.sums[i], gate, ps))
+            s.copy_(self.carry[1])
         return msg
 
     def start(self) -> None:
@@ -126,29 +131,33 @@ class RingForward:
 
 
 def ring_backward(grad: torch.Tensor, gates: torch.Tensor, group, cp_rank: int, cp_size: int, layout: str,
-                  count: ScanCount) -> torch.Tensor:
-    """Suffix scan of prefix gradients ``grad`` ``[m, B, d, h]`` with gates ``[m, B]`` (int64 0/1);
-    returns d loss / d local sums."""
+                  count: ScanCount, wire: torch.dtype) -> torch.Tensor:
+    """Suffix scan of prefix gradients ``grad`` ``[m, B, d, h]`` with gates ``[m, B]`` (int64 0/1),
+    messages in ``wire``; returns d loss / d local sums."""
     out: list = [None] * grad.shape[0]
     carry = [None]
     state_shape = grad.shape[1:]
     weights = gates.to(grad.dtype)[..., None, None]
 
     def step(i: int, msg, want_out: bool):
-        q = views(msg, 0, 1, state_shape, grad.dtype)[2][0] if msg is not None else carry[0]
+        q = views(msg, 0, 1, state_shape, wire)[2][0].to(grad.dtype) if msg is not None else carry[0]
         if q is None:  # last segment of the sequence: nothing after it
             q = torch.zeros_like(grad[i])
         out[i] = q
         if not want_out:
             carry[0] = torch.addcmul(grad[i], weights[i], q)
             return None
-        buf, depth, _, (s,) = new_message(0, 1, state_shape, grad.dtype, grad.device)
+        buf, depth, _, (s,) = new_message(0, 1, state_shape, wire, grad.device)
         count.stamp(depth)
-        carry[0] = torch.addcmul(grad[i], weights[i], q, out=s)
+        if wire == grad.dtype:
+            carry[0] = torch.addcmul(grad[i], weights[i], q, out=s)
+        else:
+            carry[0] = torch.addcmul(grad[i], weights[i], q)
+            s.copy_(carry[0])
         return buf
 
     chain = _Chain(group, chain_walk(cp_size, layout, cp_rank, reverse=True), _BWD_TAG,
-                   message_bytes(0, 1, tuple(state_shape), grad.dtype), grad.device, count, step)
+                   message_bytes(0, 1, tuple(state_shape), wire), grad.device, count, step)
     with torch.no_grad():
         chain.run(block=True)
     return torch.stack(out)

@@ -42,8 +42,8 @@ class _CPScan(torch.autograd.Function):
 
 def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor | list, *, group: Any = None,
                       layout: str = "load_balanced", while_waiting: Callable[[], Any] | None = None,
-                      algorithm: str = "ring", stats: ScanStats | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+                      algorithm: str = "ring", stats: ScanStats | None = None,
+                      wire_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Exclusive prefix of this rank's segments over the CP ``group`` (None: the default group).
 
     keys ``[m, B]`` int64 (document id at each local segment's end, non-decreasing along the
@@ -57,7 +57,9 @@ def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor | list, *, group: A
     sending at most one state per pass) or ``"log"`` (hypercube, ``ceil(log2 cp)`` rounds, +1 in
     the forward with late sums, about two states per round). Both equal the single-process
     reference to rounding. ``stats``: a :class:`ScanStats` filled with this rank's counted rounds,
-    messages and bytes (forward by the call, backward when autograd runs it).
+    messages and bytes (forward by the call, backward when autograd runs it). ``wire_dtype``: the
+    dtype partial sums travel in (None: the sums'); e.g. bfloat16 halves the bytes, each message
+    rounding what it carries while every sum still accumulates in the sums' dtype.
 
     ``while_waiting``: called exactly once, with grad mode as at the call site, after this rank
     has sent what it can and posted its first receive, before waiting on it; its result is
@@ -90,10 +92,13 @@ def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor | list, *, group: A
             or any(p is not None and (p.shape, p.dtype) != (first.shape, first.dtype) for p in parts):
         raise ValueError(f"sums must be floating [m={m}, B={keys.shape[1]}, d, h], got "
                          f"{first.dtype} {(len(parts),) + tuple(first.shape)}")
+    wire = wire_dtype if wire_dtype is not None else first.dtype
+    if not wire.is_floating_point:
+        raise ValueError(f"wire_dtype must be a floating dtype, got {wire}")
     stats = stats if stats is not None else ScanStats()
     stats.algorithm, stats.cp = algorithm, cp_size
     forward_cls, backward_fn = _IMPLEMENTATIONS[algorithm]
-    state = forward_cls(keys, parts, group, cp_rank, cp_size, layout, stats.forward)
+    state = forward_cls(keys, parts, group, cp_rank, cp_size, layout, stats.forward, wire)
     state.start()
     extra = while_waiting() if while_waiting is not None else None
     if late:
@@ -104,6 +109,6 @@ def cp_exclusive_scan(keys: torch.Tensor, sums: torch.Tensor | list, *, group: A
     full = torch.stack(parts)
     state.provide(full)
     backward = partial(backward_fn, group=group, cp_rank=cp_rank, cp_size=cp_size, layout=layout,
-                       count=stats.backward)
+                       count=stats.backward, wire=wire)
     pk, ps = _CPScan.apply(keys, full, state, backward)
     return pk, ps, extra
