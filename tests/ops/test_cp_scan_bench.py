@@ -3,27 +3,15 @@ the traffic model's (and whose model section extrapolates to larger CP sizes).""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.cli import json_from_module
 
 
 @pytest.mark.slow
 def test_scan_bench_json_tiny():
-    cmd = [sys.executable, "-m", "ttt_train.ops.cp_scan.bench", "--cp", "2", "4", "--d", "4", "--h", "4",
-           "--repeats", "2", "--warmup", "0", "--model-cp", "16"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 1
-    res = json.loads(lines[0])
+    res = json_from_module("ttt_train.ops.cp_scan.bench", "--cp", "2", "4", "--d", "4", "--h", "4", "--repeats", "2",
+                           "--warmup", "0", "--model-cp", "16", timeout=900)
     assert res["state"] == [1, 4, 4] and res["state_bytes"] == 64
     measured = {(m["cp"], m["algorithm"]): m for m in res["measured"]}
     assert set(measured) == {(2, "ring"), (2, "log"), (4, "ring"), (4, "log")}

@@ -3,30 +3,17 @@ baseline computes the same function as the reference (float64, 1e-10)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.support.cli import json_from_module
 from ttt_train.ops import inplace_ttt_reference
 from ttt_train.ops.bench import VARIANTS, materialized_ttt
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_bench_json_tiny():
-    cmd = [sys.executable, "-m", "ttt_train.ops.bench", "--json", "--T", "40", "--d", "4", "--h", "8",
-           "--chunk", "16", "--threads", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 1
-    res = json.loads(lines[0])
+    res = json_from_module("ttt_train.ops.bench", "--json", "--T", "40", "--d", "4", "--h", "8", "--chunk", "16",
+                           "--threads", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu", timeout=120)
     assert (res["T"], res["d"], res["h"], res["chunk"], res["n_chunks"], res["threads"]) == (40, 4, 8, 16, 3, 1)
     for name in VARIANTS:
         assert res[f"{name}_ms"] > 0
