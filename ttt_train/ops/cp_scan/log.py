@@ -132,7 +132,7 @@ class Hypercube:
 
     ``elements[i]``: this rank's element of stream ``i`` (None while late: it must be provided
     before the stream's first round). Drive it with :meth:`outgoing` / :meth:`incoming` /
-    :meth:`absorb` round by round (``run_hypercube`` over P2P, or in-memory for tests).
+    :meth:`absorb` round by round (over P2P: :class:`LogForward`, :func:`log_backward`; in memory: tests).
     """
 
     def __init__(self, cp_size: int, rank: int, streams: tuple[Stream, ...], elements: list[Element | None],
