@@ -68,7 +68,8 @@ def print_plan(cfg, stages: list[Stage], world: int) -> None:
         print("  " + format_plan(stage.model, stage.ttt, stage.parallel, micro_batch=t.micro_batch_size,
                                  seq_length=stage.seq_length, dtype=t.dtype, recompute=t.recompute,
                                  distributed_optimizer=stage.ddp.use_distributed_optimizer, dp=stage.dp,
-                                 tokens_per_step=stage.tokens_per_step).replace("\n", "\n  "))
+                                 tokens_per_step=stage.tokens_per_step,
+                                 peak_tflops=cfg.logging.peak_tflops).replace("\n", "\n  "))
     missing = [m for s in stages for m in s.missing]
     for key in ("checkpoint", "hf"):
         if cfg.init[key] and not os.path.isdir(cfg.init[key]):

@@ -20,19 +20,19 @@ TTT = dict(layers=[0, 1], chunk_size=CHUNK, lr=1.0, target="hidden_states", max_
 TIMEOUT = 120  # a rank stuck in the scan's backward fails the test in two minutes, not at pytest's limit
 
 
-def shard_start_layouts(cp: int, rows: int, mixed: bool) -> list[list[list[int]]]:
+def shard_start_layouts(cp: int, rows: int, mixed: bool, seq: int = SEQ) -> list[list[list[int]]]:
     """Every row starts a document exactly at shard k's first token, for each k; then at all of them;
     with `mixed`, then only the first row does (rows of one micro-batch differ)."""
-    shard = SEQ // (2 * cp)
+    shard = seq // (2 * cp)
     starts = [k * shard for k in range(1, 2 * cp)]
     layouts = [[[s]] * rows for s in starts] + [[starts] * rows]
     return layouts + ([[[s]] + [[]] * (rows - 1) for s in starts] if mixed else [])
 
 
-def random_layouts(cp: int, rows: int, seeds: range) -> list[list[list[int]]]:
+def random_layouts(cp: int, rows: int, seeds: range, seq: int = SEQ, chunk: int = CHUNK) -> list[list[list[int]]]:
     """Per seed and row: 0-3 boundaries drawn from shard starts, chunk edges and arbitrary tokens."""
-    shard = SEQ // (2 * cp)
-    pools = [list(range(shard, SEQ, shard)), list(range(CHUNK, SEQ, CHUNK)), list(range(1, SEQ))]
+    shard = seq // (2 * cp)
+    pools = [list(range(shard, seq, shard)), list(range(chunk, seq, chunk)), list(range(1, seq))]
     layouts = []
     for seed in seeds:
         rng = random.Random(seed)
@@ -41,26 +41,31 @@ def random_layouts(cp: int, rows: int, seeds: range) -> list[list[list[int]]]:
     return layouts
 
 
+def merged(per_rank, layout: int, docs: int) -> tuple[float, dict]:
+    """(loss, full gradients) of parallel layout `layout` and document layout `docs`, over all ranks."""
+    grads = {}
+    for rank in per_rank:
+        grads.update(rank[layout][docs]["grads"])
+    return next(r[layout][docs]["loss"] for r in per_rank if r[layout][docs]["loss"] is not None), grads
+
+
+def assert_same(a: tuple[float, dict], b: tuple[float, dict], where, loss_tol: float = 2e-6, grad_tol: float = 2e-5):
+    """Loss and every gradient of `a` equal `b`'s (relative tolerances)."""
+    (loss, grads), (ref_loss, ref_grads) = a, b
+    assert abs(loss - ref_loss) <= loss_tol * abs(ref_loss), (where, loss, ref_loss)
+    assert set(grads) == set(ref_grads), where
+    for name, grad in ref_grads.items():
+        assert rel_err(grads[name], grad) < grad_tol, (where, name, rel_err(grads[name], grad))
+
+
 def check(per_rank, layouts, starts):
     """Merge ranks and compare every layout and document layout with the first (CP=1)."""
     for i, layout in enumerate(layouts):
         fractions = clipped_fractions([r[i][k]["ttt_stats"] for r in per_rank for k in range(len(starts))])
         assert 0.1 < sum(fractions) / len(fractions) < 0.9, (layout, fractions)
     for k in range(len(starts)):
-        merged = []
-        for i in range(len(layouts)):
-            grads = {}
-            for rank in per_rank:
-                grads.update(rank[i][k]["grads"])
-            loss = next(r[i][k]["loss"] for r in per_rank if r[i][k]["loss"] is not None)
-            merged.append((loss, grads))
-        (ref_loss, ref_grads), *others = merged
-        for layout, (loss, grads) in zip(layouts[1:], others):
-            where = (layout, starts[k])
-            assert abs(loss - ref_loss) <= 2e-6 * abs(ref_loss), where
-            assert set(grads) == set(ref_grads), where
-            for name, grad in ref_grads.items():
-                assert rel_err(grads[name], grad) < 2e-5, (where, name)
+        for i, layout in enumerate(layouts[1:], 1):
+            assert_same(merged(per_rank, i, k), merged(per_rank, 0, k), (layout, starts[k]))
 
 
 @pytest.mark.slow

@@ -3,41 +3,31 @@ baseline computes the same function as the reference (float64, 1e-10)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.support.cli import json_from_module
 from ttt_train.ops import inplace_ttt_reference
 from ttt_train.ops.bench import VARIANTS, materialized_ttt
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_bench_json_tiny():
-    cmd = [sys.executable, "-m", "ttt_train.ops.bench", "--json", "--T", "40", "--d", "4", "--h", "8",
-           "--chunk", "16", "--threads", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 1
-    res = json.loads(lines[0])
+    res = json_from_module("ttt_train.ops.bench", "--json", "--T", "40", "--d", "4", "--h", "8", "--chunk", "16",
+                           "--threads", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu", timeout=120)
     assert (res["T"], res["d"], res["h"], res["chunk"], res["n_chunks"], res["threads"]) == (40, 4, 8, 16, 3, 1)
     for name in VARIANTS:
         assert res[f"{name}_ms"] > 0
         assert res[f"{name}_peak_extra_mib"] > 0
     for key in ("ttt_over_plain_mlp", "ttt_over_materialized", "memory_method"):
         assert key in res
-    # default cp=8, tp=1, state [1, 4, 8] float32: 2*(cp-1) = 14 messages each way, forward ones
-    # carry the int64 key (8 + 128 bytes), backward ones only the gradient (128 bytes); a middle
-    # rank sends two of each
-    assert res["cp_scan_bytes_per_layer_step_all_ranks"] == 14 * 136 + 14 * 128
-    assert res["cp_scan_bytes_per_layer_step_max_rank"] == 2 * 136 + 2 * 128
+    # default cp=8, tp=1, state [1, 4, 8] float32: 2*(cp-1) = 14 ring messages each way, forward ones
+    # carry the int64 depth and key (16 + 128 bytes), backward ones the depth and the gradient (8 + 128
+    # bytes); a middle rank sends two of each
+    assert res["cp_scan_bytes_per_layer_step_all_ranks"] == 14 * 144 + 14 * 136
+    assert res["cp_scan_bytes_per_layer_step_max_rank"] == 2 * 144 + 2 * 136
+    # log: 3 levels; a rank sends at most 6 forward totals (8 + 136 each: one total per message)
+    # and 3 backward messages (two totals fused but for one at the last level)
+    assert res["cp_scan_log_bytes_per_layer_step_max_rank"] == 6 * 144 + 3 * 8 + 6 * 136
     assert res["ttt_over_plain_mlp"] == pytest.approx(res["ttt_mlp_ms"] / res["plain_mlp_ms"], rel=1e-3)
     assert res["ttt_over_materialized"] == pytest.approx(res["ttt_down_ms"] / res["materialized_down_ms"], rel=1e-3)
 

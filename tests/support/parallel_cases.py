@@ -90,6 +90,15 @@ def ttt_layer_stats(model) -> dict[int, dict[str, float]]:
             for m in model.modules() if isinstance(m, TTTMLP)}
 
 
+def ttt_scan_stats(model) -> dict[int, dict]:
+    """Counts of each TTT layer's last context-parallel scan (`TTTMLP.scan_stats`, forward and its
+    backward), by global layer index; empty without context parallelism."""
+    from ttt_train.layers.ttt_mlp import TTTMLP
+
+    return {m.layer_number - 1: m.scan_stats.as_dict() for m in model.modules()
+            if isinstance(m, TTTMLP) and m.scan_stats is not None}
+
+
 def _logits(model, batch: dict) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, vocab] on the last pipeline stage (single-stage models only)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -221,7 +230,8 @@ def doc_layouts_case(layouts: list[dict], ckpt_dir: str, starts: list[list[list[
                             num_microbatches=global_batch // dp // micro_batch, micro_batch_size=micro_batch,
                             seq_length=seq // parallel.cp)["loss"]
             grads = full_grads(chunks[0], config)  # collective over TP: every rank gathers
-            per_docs.append(dict(loss=loss, grads=grads if keep else {}, ttt_stats=ttt_layer_stats(chunks[0])))
+            per_docs.append(dict(loss=loss, grads=grads if keep else {}, ttt_stats=ttt_layer_stats(chunks[0]),
+                                 scan_stats=ttt_scan_stats(chunks[0])))
         results.append(per_docs)
         del chunks
     return results

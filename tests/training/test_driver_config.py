@@ -62,7 +62,7 @@ def test_dry_run_prints_the_plan(base, capsys, monkeypatch):
     assert "# resolved config of tiny_ttt" in out and "stages:" in out
     assert "stages.0 (ctx1k): 6,144 tokens at seq_length 256 = 6 steps of 4 sequences (1,024 tokens)" in out
     assert "layout: 2 ranks = tp 1 x pp 1 x cp 2 x dp 1; micro-batch 1 x 2 accumulation" in out
-    assert out.count("memory per rank") == 2 and "cp scan sent / micro" in out
+    assert out.count("memory per rank") == 2 and "cp scan (parallel.cp_scan=auto -> " in out
     assert "TTT layers [1, 3] chunk 64" in out
 
 

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.models.config import ModelConfig
 from ttt_train.runtime.distributed import ParallelConfig
+from ttt_train.runtime.links import LinkConfig
 from ttt_train.training import plan
 
 SMALL = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
@@ -101,7 +102,6 @@ def test_memory_terms_follow_their_formulas():
     sharded = plan.estimate_memory(model_cfg, ttt_cfg, ParallelConfig(cp=2), distributed_optimizer=True, dp=4,
                                    dtype="bf16", **kw)
     assert sharded["optimizer"] == 12 * count / 8  # over dp x cp
-    assert sharded["cp_scan_sent"] > 0 and base["cp_scan_sent"] == 0
     # micro-batch x layers saved [d, h] fp32 states, and the backward's buffers of one layer
     assert base["ttt_state"] == (2 * 2 + plan.TTT_BACKWARD_BUFFERS) * 64 * 96 * 4
     lean = [plan.estimate_memory(model_cfg, ttt_cfg, ParallelConfig(), recompute=r, **kw)["activations"]
@@ -128,8 +128,70 @@ def test_format_plan_shows_every_component():
                             micro_batch=1, seq_length=64, dtype="bf16", recompute="selective",
                             distributed_optimizer=True, dp=2, tokens_per_step=4096)
     for word in ("parameters", "gradients", "optimizer", "activations", "ttt_state", "logits", "total",
-                 "cp scan sent", "GFLOP", "ttt_op", "per step"):
+                 "cp scan (parallel.cp_scan=auto -> ", "ring: rounds 2 fwd / 2 bwd", "log : rounds 2 fwd / 1 bwd",
+                 "step compute: no estimate (set logging.peak_tflops)", "GFLOP", "ttt_op", "per step"):
         assert word in text, word
+    assert "cp scan" not in plan.format_plan(ModelConfig(**SMALL), TTTConfig(every=1, chunk_size=8), ParallelConfig(),
+                                             micro_batch=1, seq_length=64)
+
+
+# ---- the context-parallel scan's cost ------------------------------------------------------------
+
+QWEN3_4B = dict(num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32, num_query_groups=8,
+                head_dim=128, vocab_size=151936, tie_embeddings=True)
+
+
+def test_megatron_rank_order_decides_which_cp_hops_cross_nodes():
+    from megatron.core.parallel_state import RankGenerator
+
+    from ttt_train.ops.cp_scan import megatron_cp_ranks
+
+    for tp, cp, dp in ((4, 16, 1), (2, 2, 16), (1, 8, 2), (8, 4, 2)):
+        groups = RankGenerator(tp=tp, ep=1, dp=dp, pp=1, cp=cp, order="tp-cp-ep-dp-pp").get_ranks("cp")
+        ours = [megatron_cp_ranks(tp, cp, t, outer) for outer in range(dp) for t in range(tp)]
+        assert sorted(map(tuple, groups)) == sorted(map(tuple, ours)), (tp, cp, dp)
+
+
+def test_alpha_beta_by_hand():
+    from ttt_train.ops.cp_scan import Link, pass_seconds, scan_traffic
+
+    intra, inter = Link(1e-5, 1e11), Link(2e-5, 1e10)
+    shape = (1, 100, 100)  # 40,000 bytes of fp32
+    ring = scan_traffic(4, shape, algorithm="ring").forward  # 6 hops of 40,016 bytes (depth, key, state)
+    assert pass_seconds(ring, [0, 0, 1, 1], intra, inter) == pytest.approx(4 * (1e-5 + 40016 / 1e11)
+                                                                           + 2 * (2e-5 + 40016 / 1e10))
+    log = scan_traffic(4, shape, algorithm="log", late=False).forward  # 2 rounds, 2 totals per message
+    msg = 8 + 2 * (8 + 40000)
+    assert pass_seconds(log, [0, 0, 1, 1], intra, inter) == pytest.approx((1e-5 + msg / 1e11) + (2e-5 + msg / 1e10))
+
+
+def test_paper_stage2_scan_cost_and_warning():
+    """Qwen3-4B, 128k, tp 4 x cp 16, 16 micro-batches of one sequence, full recompute, 6 TTT layers."""
+    model_cfg, ttt_cfg = ModelConfig(**QWEN3_4B), TTTConfig(every=6, chunk_size=1024)
+    parallel = ParallelConfig(tp=4, cp=16, sequence_parallel=True)
+    cost = plan.scan_cost(model_cfg, ttt_cfg, parallel, micro_batch=1, recompute="full", num_microbatches=16)
+    state = 2560 * 2432 * 4
+    assert cost["state"] == (1, 2560, 2432) and cost["calls"] == (6 * 16 * 2, 6 * 16)
+    assert cost["ring"]["rounds"] == (30, 30) and cost["log"]["rounds"] == (5, 4)
+    assert cost["ring"]["sent"] == (2 * (16 + state), 2 * (8 + state))
+    assert cost["log"]["sent"] == (8 * (16 + state), 4 * 8 + 8 * (8 + state))
+    assert cost["crossing"] == 14 and cost["chosen"] == "log"  # 2 CP ranks per node: c -> c+1 crosses for odd c
+    assert cost["log"]["step_s"] < cost["ring"]["step_s"] / 2
+    text = plan.format_plan(model_cfg, ttt_cfg, parallel, micro_batch=1, seq_length=131072, dtype="bf16",
+                            recompute="full", distributed_optimizer=True, dp=1, tokens_per_step=16 * 131072,
+                            peak_tflops=989.0)
+    assert "cp scan (parallel.cp_scan=auto -> log)" in text and "ring hops across nodes: 14 of 30" in text
+    assert "WARNING: the cp scan is" in text  # 6.5% by the default links
+    bf16 = plan.scan_cost(model_cfg, ttt_cfg, ParallelConfig(tp=4, cp=16, sequence_parallel=True, cp_scan_wire="bf16"),
+                          micro_batch=1, recompute="full", num_microbatches=16)
+    assert bf16["log"]["sent"] == (8 * (16 + state // 2), 4 * 8 + 8 * (8 + state // 2))
+    ring_only = ParallelConfig(tp=4, cp=16, sequence_parallel=True, cp_scan="ring")
+    fast = ParallelConfig(tp=4, cp=16, sequence_parallel=True, links=LinkConfig(inter_node_gb_per_s=400.0))
+    half = ParallelConfig(tp=4, cp=16, sequence_parallel=True, cp_scan_wire="bf16")  # 3.3%
+    for p, warned in ((ring_only, True), (fast, False), (half, False)):
+        text = plan.format_plan(model_cfg, ttt_cfg, p, micro_batch=1, seq_length=131072, dtype="bf16",
+                                recompute="full", dp=1, tokens_per_step=16 * 131072, peak_tflops=989.0)
+        assert ("WARNING: the cp scan is" in text) == warned, text
 
 
 # ---- against megatron (multi-process) ------------------------------------------------------------

@@ -26,6 +26,7 @@ rank, masked) backward.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from megatron.core import parallel_state as ps
@@ -35,8 +36,15 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.ops import LMAlignedTarget, inplace_ttt
-from ttt_train.ops.cp_scan import bytes_sent_per_call, cp_exclusive_scan, validate_cp_alignment
+from ttt_train.ops.cp_scan import (
+    ScanStats,
+    choose_algorithm,
+    cp_exclusive_scan,
+    links_of,
+    validate_cp_alignment,
+)
 from ttt_train.runtime import megatron_compat
+from ttt_train.runtime.links import LinkConfig
 
 
 class _KnownMLPFilter(logging.Filter):
@@ -99,7 +107,7 @@ class TTTMLP(MLP):
         self.ttt_lr = float(ttt.lr)
         self.target_source = None
         self.layer_number = None
-        self.scan_bytes_per_step = 0  # bytes this rank sent in the last context-parallel scan (fwd + bwd)
+        self.scan_stats: ScanStats | None = None  # counts of the last context-parallel scan (its backward's too, once run)
         self._last_stats = None  # raw statistics of the last forward, see ttt_stats()
         with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
             self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
@@ -209,13 +217,28 @@ class TTTMLP(MLP):
         self._record_stats(stats.update_norms, stats.clipped, delta, v, norm_group)
         return out
 
+    def _scan_settings(self, cp_group, state: torch.Tensor) -> tuple[str, torch.dtype]:
+        """(algorithm, wire dtype) of the CP scan: `parallel.cp_scan` and `parallel.cp_scan_wire`. "auto":
+        the faster by the alpha-beta model (`parallel.links`) for this state and this CP group's
+        placement (nodes of `LOCAL_WORLD_SIZE` consecutive global ranks under torchrun, else
+        `links.gpus_per_node`): the same answer on every rank of the group."""
+        wire = torch.bfloat16 if getattr(self.config, "ttt_cp_scan_wire", "fp32") == "bf16" else state.dtype
+        choice = getattr(self.config, "ttt_cp_scan", "auto")
+        if choice != "auto":
+            return choice, wire
+        links = getattr(self.config, "ttt_cp_links", None) or LinkConfig()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", links.gpus_per_node))
+        nodes = tuple(r // per_node for r in torch.distributed.get_process_group_ranks(cp_group))
+        return choose_algorithm(len(nodes), tuple(state.shape), wire, nodes, *links_of(links)), wire
+
     def _context_parallel_ttt(self, z, v, doc_ids, cp_group, kwargs):
         """In-Place TTT on this rank's two load-balanced shards (METHOD.md section 6).
 
         Each shard first runs from `weight` alone: its output and its own update sum (final state
         minus weight: the updates of its last document) need nothing from other ranks. The sums go
-        through the distributed exclusive scan, and the second shard's run overlaps the wait for
-        the scan's first pass (its sum is first needed on the return pass). A shard whose first
+        through the distributed exclusive scan (`parallel.cp_scan`: ring or log, see
+        `_scan_settings`), and the second shard's run overlaps the scan's first messages (its sum
+        is first needed on the ring's return pass, in the log scan's second round). A shard whose first
         token continues the document its received prefix P ends in then adds `Z P^T` on that
         document's tokens: exactly the run from initial state `weight + P`, since updates add up
         and clipping acts per chunk.
@@ -243,10 +266,11 @@ class TTTMLP(MLP):
             return out_second, [sum_second]
 
         keys = torch.stack([doc_ids[:, shard][:, -1] for shard in shards])
-        prefix_keys, prefix_sums, out_second = cp_exclusive_scan(keys, [sum_first, None], group=cp_group,
-                                                                 layout="load_balanced", while_waiting=while_waiting)
-        self.scan_bytes_per_step = bytes_sent_per_call(tuple(sum_first.shape), cp, "load_balanced",
-                                                       sum_first.dtype).max_per_rank
+        self.scan_stats = ScanStats()
+        algorithm, wire = self._scan_settings(cp_group, sum_first)
+        prefix_keys, prefix_sums, out_second = cp_exclusive_scan(
+            keys, [sum_first, None], group=cp_group, layout="load_balanced", while_waiting=while_waiting,
+            algorithm=algorithm, stats=self.scan_stats, wire_dtype=wire)
         outputs = []
         for i, (shard, out) in enumerate(zip(shards, (out_first, out_second))):
             docs = doc_ids[:, shard]

@@ -141,6 +141,7 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
     """megatron `TransformerConfig` for `model` under the layout `parallel` (a `ParallelConfig`).
 
     `recompute`: None, "selective" (core attention) or "full" (whole layers, uniform, 1 per chunk).
+    `parallel.cp_scan`, `cp_scan_wire` and `links` travel as `config.ttt_cp_scan`, `ttt_cp_scan_wire`, `ttt_cp_links`.
     The YaRN fields that megatron-core 0.16.1's GPTModel reads but its config lacks are set here.
     """
     import importlib.util
@@ -202,6 +203,9 @@ def to_transformer_config(model: ModelConfig, parallel, *, dtype: str = "fp32", 
         **recompute_args,
         **overrides,
     )
+    # not megatron fields: the TTT layers' context-parallel scan (`TTTMLP._context_parallel_ttt`)
+    config.ttt_cp_scan, config.ttt_cp_scan_wire, config.ttt_cp_links = parallel.cp_scan, parallel.cp_scan_wire, \
+        parallel.links
     if model.yarn is not None:
         y = model.yarn
         for key, value in dict(yarn_rotary_scaling_factor=y.factor,

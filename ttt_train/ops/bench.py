@@ -15,8 +15,9 @@ Ratios: ``ttt_over_plain_mlp`` (TTT MLP / plain MLP), ``ttt_over_materialized`` 
 materialised down-projection). ``*_peak_extra_mib``: each variant's peak extra memory, measured
 (see ``memory_method``) over one fwd+bwd with the inputs already allocated. Timing rounds
 interleave the variants, so that a shared machine disturbs them alike.
-``cp_scan_bytes_per_layer_step_*``: bytes the context-parallel scan sends per TTT layer and
-micro-batch (forward + backward) at ``--cp``/``--tp``, from :func:`bytes_sent_per_call`.
+``cp_scan_bytes_per_layer_step_*``: bytes the context-parallel ring scan sends per TTT layer and
+micro-batch (forward + backward) at ``--cp``/``--tp``, from :func:`scan_traffic` (``cp_scan_log_*``:
+the log scan's); the scan itself is measured by ``python -m ttt_train.ops.cp_scan.bench``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .cp_scan import bytes_sent_per_call
+from .cp_scan import scan_traffic
 from .inplace_ttt import inplace_ttt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,9 +163,11 @@ def run_bench(args) -> dict:
     result["ttt_down_over_plain_down"] = round(result["ttt_down_ms"] / result["plain_down_ms"], 4)
     result["ttt_over_plain_mlp_min"] = round(result["ttt_mlp_min_ms"] / result["plain_mlp_min_ms"], 4)
     result["ttt_over_materialized_min"] = round(result["ttt_down_min_ms"] / result["materialized_down_min_ms"], 4)
-    scan = bytes_sent_per_call((args.batch, args.d, args.h // args.tp), args.cp, "load_balanced", torch.float32)
-    result.update(cp=args.cp, tp=args.tp, cp_scan_bytes_per_layer_step_max_rank=scan.max_per_rank,
-                  cp_scan_bytes_per_layer_step_all_ranks=scan.forward_total + scan.backward_total)
+    result.update(cp=args.cp, tp=args.tp)
+    for algorithm, prefix in (("ring", "cp_scan_bytes_per_layer_step"), ("log", "cp_scan_log_bytes_per_layer_step")):
+        scan = scan_traffic(args.cp, (args.batch, args.d, args.h // args.tp), algorithm=algorithm)
+        result[f"{prefix}_max_rank"] = scan.max_bytes_sent
+        result[f"{prefix}_all_ranks"] = scan.forward.total_bytes + scan.backward.total_bytes
     return result
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ttt_train.config_keys import build, check_fields, checked
 from ttt_train.runtime.cp_attention_rules import CP_COMM_TYPES
+from ttt_train.runtime.links import LinkConfig
 
 
 @dataclass
@@ -26,6 +27,11 @@ class ParallelConfig:
     matter); seed: base seed for megatron's RNG trackers; cp_comm_type: attention's communication
     under context parallelism (`auto`, `p2p`, `a2a`, `all_gather`, `a2a+p2p`; see
     `ttt_train.runtime.cp_attention_rules`).
+    cp_scan: the TTT fast-weight scan over CP ranks: "ring" (2*(cp-1) hops), "log" (about log2(cp)
+    rounds, more bytes) or "auto" (the faster on `links` by the alpha-beta model, per call);
+    cp_scan_wire: the dtype its partial sums travel in, "fp32" or "bf16" (half the bytes, rounded
+    per message, accumulated in fp32; measured on a Qwen3-4B TP-4 state at cp 8: prefixes within
+    2e-3 (log) / 2.5e-3 (ring) relative of fp32's); links: the network model (`runtime/links.py`).
     """
 
     tp: int = checked(1, ge=1)
@@ -34,6 +40,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     seed: int = checked(1234, ge=0)
     cp_comm_type: str = checked("auto", choices=CP_COMM_TYPES)
+    cp_scan: str = checked("auto", choices=("ring", "log", "auto"))
+    cp_scan_wire: str = checked("fp32", choices=("fp32", "bf16"))
+    links: LinkConfig = checked(default_factory=LinkConfig)
 
     @classmethod
     def from_dict(cls, values) -> ParallelConfig:

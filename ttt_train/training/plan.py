@@ -22,6 +22,13 @@ a single TTT chunk, whose backward needs fewer buffers than counted); the test a
 The attention terms follow the configured backend: "te" is flash attention (the GPU path);
 "local" is megatron's unfused attention at cp 1 and GatherKVAttention (SDPA) at cp > 1, which keep
 score matrices of `[heads, s_q, s_k]` (as measured on CPU; impractical at long context).
+
+Context-parallel scan (`scan_cost`): per TTT layer and micro-batch, one scan call per forward
+(two with full recompute, which reruns the layer) and one backward, each the messages of
+`ttt_train.ops.cp_scan.scan_traffic` (rounds and bytes as the ranks count them) timed by the
+alpha-beta model of `parallel.links` on megatron's rank order (`ops.cp_scan.cost`), for the ring
+and the log scan; beside it the step's compute at `ASSUMED_MFU` of `logging.peak_tflops`, and a
+warning when the chosen scan exceeds `SCAN_WARN_FRACTION` of it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ttt_train.ops.cp_scan import bytes_sent_per_call
+from ttt_train.ops.cp_scan import choose_algorithm, links_of, megatron_cp_ranks, scan_seconds, scan_traffic
 
 if TYPE_CHECKING:  # ttt_train.models imports megatron (seconds); the plan needs only the dataclasses' fields
     from ttt_train.layers.ttt_config import TTTConfig
@@ -43,6 +50,9 @@ ATTENTION_COUNTS = ("causal", "full")
 RECOMPUTE = (None, "selective", "full")
 FP32 = 4  # bytes: main gradients, Adam moments, master weights, the TTT state, the softmax of the loss
 GIB = 1024 ** 3
+MIB = 1024 ** 2
+ASSUMED_MFU = 0.4  # model FLOPs utilisation the plan's compute estimate assumes (of logging.peak_tflops)
+SCAN_WARN_FRACTION = 0.05  # warn when the CP scan's estimated time exceeds this fraction of the step's compute
 
 
 def _ttt_layers(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None) -> list[int]:
@@ -199,9 +209,8 @@ def estimate_memory(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel:
       layer, four under context parallelism; only the layer being recomputed under full recompute)
       and the fp32 buffers of the TTT layer being back-propagated.
     - logits (last stage): the fp32 softmax the vocab-parallel loss keeps and the logits' gradient.
-    - total: the sum of the above. cp_scan_sent: bytes this rank sends in the context-parallel scan
-      per micro-batch (all TTT layers, forward + backward; not memory, not in the total).
-    Also `stage` (the pipeline stage described) and `parameter_count`.
+    - total: the sum of the above.
+    Also `stage` (the pipeline stage described) and `parameter_count`. The scan's traffic: `scan_cost`.
     """
     m = model_cfg.validate()
     if dtype not in DTYPES:
@@ -242,20 +251,93 @@ def estimate_memory(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel:
             "logits": terms["logits"] if last else 0,
         }
         out["total"] = sum(out.values())
-        scan = 0
-        if parallel.cp > 1 and n_ttt:
-            shape = (micro_batch, m.hidden_size, m.ffn_hidden_size // parallel.tp)
-            scan = n_ttt * bytes_sent_per_call(shape, parallel.cp, "load_balanced", torch.float32).max_per_rank
-        out.update(cp_scan_sent=scan, stage=stage, parameter_count=count)
+        out.update(stage=stage, parameter_count=count)
         if best is None or out["total"] > best["total"]:
             best = out
     return best
 
 
+def scan_cost(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: ParallelConfig, *, micro_batch: int,
+              recompute: str | None = None, num_microbatches: int = 1) -> dict | None:
+    """The context-parallel scan of one step on a rank of the pipeline stage with the most TTT layers
+    (None without CP or TTT). For "ring" and "log": `rounds` and `sent` / `received` (the most bytes
+    one rank moves) of one call (forward, backward), `call_s` (forward, backward) and `step_s`
+    estimated; `chosen`: the algorithm `parallel.cp_scan` runs ("auto" resolved as at run time);
+    `calls`: (forward, backward) calls per step; `state`: the scan's fp32 state shape (sent in
+    `parallel.cp_scan_wire`); `crossing`: CP hops of the ring crossing nodes. The slowest TP rank's
+    CP group (megatron's order) is modelled."""
+    m = model_cfg.validate()
+    n_ttt = max((sum(i in stage_layers(m, parallel.pp, s) for i in _ttt_layers(m, ttt_cfg))
+                 for s in range(parallel.pp)), default=0)
+    if parallel.cp == 1 or n_ttt == 0:
+        return None
+    cp, links = parallel.cp, parallel.links
+    shape = (micro_batch, m.hidden_size, m.ffn_hidden_size // parallel.tp)
+    wire = torch.bfloat16 if parallel.cp_scan_wire == "bf16" else torch.float32  # the TTT state is fp32
+    intra, inter = links_of(links)
+    forwards = 2 if recompute == "full" else 1
+    calls = (n_ttt * num_microbatches * forwards, n_ttt * num_microbatches)
+    groups = [tuple(g // links.gpus_per_node for g in megatron_cp_ranks(parallel.tp, cp, t)) for t in range(parallel.tp)]
+    out = {"state": shape, "calls": calls, "layers": n_ttt, "forwards_per_layer": forwards}
+    for algorithm in ("ring", "log"):
+        traffic = scan_traffic(cp, shape, algorithm=algorithm, dtype=wire)
+        call = max((scan_seconds(traffic, nodes, intra, inter) for nodes in groups), key=sum)
+        out[algorithm] = {"rounds": (traffic.forward.rounds, traffic.backward.rounds),
+                          "sent": (traffic.forward.max_bytes_sent, traffic.backward.max_bytes_sent),
+                          "received": (traffic.forward.max_bytes_received, traffic.backward.max_bytes_received),
+                          "call_s": call, "step_s": calls[0] * call[0] + calls[1] * call[1]}
+    worst = max(groups, key=lambda nodes: sum(nodes[c] != nodes[c + 1] for c in range(cp - 1)))
+    out["crossing"] = 2 * sum(worst[c] != worst[c + 1] for c in range(cp - 1))
+    out["chosen"] = parallel.cp_scan if parallel.cp_scan != "auto" else choose_algorithm(
+        cp, shape, wire, worst, intra, inter)
+    return out
+
+
+def step_compute_seconds(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, seq_length: int, tokens_per_step: int,
+                         world: int, peak_tflops: float, recompute: str | None = None) -> float:
+    """Estimated compute seconds of one step: model FLOPs (+ one forward under full recompute) per rank
+    at `ASSUMED_MFU` of `peak_tflops`."""
+    flops = flops_per_token(model_cfg, ttt_cfg, seq_length) * tokens_per_step * (4 / 3 if recompute == "full" else 1)
+    return flops / world / (peak_tflops * 1e12 * ASSUMED_MFU)
+
+
+def _format_scan(cost: dict, parallel: ParallelConfig, compute_s: float | None, peak_tflops: float | None) -> list[str]:
+    b, d, h = cost["state"]
+    links = parallel.links
+    wire = parallel.cp_scan_wire
+    lines = [f"cp scan (parallel.cp_scan={parallel.cp_scan} -> {cost['chosen']}): state {b} x {d} x {h} fp32, sent "
+             f"as {wire} ({b * d * h * (FP32 if wire == 'fp32' else 2) / MIB:.1f} MiB), {cost['layers']} TTT layers x {cost['calls'][1] // cost['layers']} "
+             f"micro-batches x ({cost['forwards_per_layer']} forward + 1 backward) calls per step",
+             f"  links: {links.gpus_per_node} GPUs per node, intra {links.intra_node_latency_us:g} us "
+             f"{links.intra_node_gb_per_s:g} GB/s, inter {links.inter_node_latency_us:g} us "
+             f"{links.inter_node_gb_per_s:g} GB/s (parallel.links); ring hops across nodes: {cost['crossing']} of "
+             f"{2 * (parallel.cp - 1)}"]
+    for algorithm in ("ring", "log"):
+        c = cost[algorithm]
+        lines.append(f"  {algorithm:<4}: rounds {c['rounds'][0]} fwd / {c['rounds'][1]} bwd, sent per rank "
+                     f"{c['sent'][0] / MIB:.1f} / {c['sent'][1] / MIB:.1f} MiB per call, est. "
+                     f"{c['call_s'][0] * 1e3:.2f} / {c['call_s'][1] * 1e3:.2f} ms per call, "
+                     f"{c['step_s']:.3f} s per step" + ("  <- runs" if algorithm == cost["chosen"] else ""))
+    if compute_s is None:
+        lines.append("  step compute: no estimate (set logging.peak_tflops)")
+        return lines
+    share = cost[cost["chosen"]]["step_s"] / compute_s
+    lines.append(f"  step compute est. {compute_s:.3f} s per rank ({100 * ASSUMED_MFU:.0f}% of logging.peak_tflops="
+                 f"{peak_tflops:g}); the scan ({cost['chosen']}) adds {100 * share:.1f}%")
+    if share > SCAN_WARN_FRACTION:
+        other = "log" if cost["chosen"] == "ring" else "ring"
+        lines.append(f"  WARNING: the cp scan is {100 * share:.1f}% of the step's compute (> "
+                     f"{100 * SCAN_WARN_FRACTION:.0f}%); {other}: {100 * cost[other]['step_s'] / compute_s:.1f}%. "
+                     f"Fewer CP ranks (more TP or DP), faster links than parallel.links"
+                     + (", or parallel.cp_scan_wire=bf16 (half the bytes)" if wire == "fp32" else "") + " shrink it")
+    return lines
+
+
 def format_plan(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: ParallelConfig, *,
                 micro_batch: int, seq_length: int, dtype: str = "fp32", recompute: str | None = None,
-                distributed_optimizer: bool = False, dp: int = 1, tokens_per_step: int | None = None) -> str:
-    """Human-readable memory and FLOPs table for one stage of a run (the dry-run plan)."""
+                distributed_optimizer: bool = False, dp: int = 1, tokens_per_step: int | None = None,
+                peak_tflops: float | None = None) -> str:
+    """Human-readable memory, FLOPs and CP scan tables for one stage of a run (the dry-run plan)."""
     mem = estimate_memory(model_cfg, ttt_cfg, parallel, micro_batch=micro_batch, seq_length=seq_length,
                           dtype=dtype, recompute=recompute, distributed_optimizer=distributed_optimizer, dp=dp)
     flops = model_flops_breakdown(model_cfg, ttt_cfg, seq_length)
@@ -265,12 +347,20 @@ def format_plan(model_cfg: ModelConfig, ttt_cfg: TTTConfig | None, parallel: Par
              f"{'distributed' if distributed_optimizer else 'replicated'} optimizer over dp={dp})"]
     for key in ("parameters", "gradients", "optimizer", "activations", "ttt_state", "logits", "total"):
         lines.append(f"  {key:<22}{mem[key] / GIB:>10.3f} GiB")
-    if mem["cp_scan_sent"]:
-        lines.append(f"  {'cp scan sent / micro':<22}{mem['cp_scan_sent'] / 2 ** 20:>10.1f} MiB")
     lines.append(f"training FLOPs per token: {total_flops / 1e9:.3f} GFLOP "
                  f"(TTT {100 * (flops['ttt_op'] + flops['ttt_target']) / total_flops:.1f}%)")
     for key, value in flops.items():
         lines.append(f"  {key:<22}{value / 1e9:>10.3f} GFLOP  {100 * value / total_flops:5.1f}%")
     if tokens_per_step:
         lines.append(f"  per step ({tokens_per_step:,} tokens): {total_flops * tokens_per_step / 1e15:.3f} PFLOP")
+    micro_per_step = max(tokens_per_step // (seq_length * micro_batch * dp), 1) if tokens_per_step else 1
+    cost = scan_cost(model_cfg, ttt_cfg, parallel, micro_batch=micro_batch, recompute=recompute,
+                     num_microbatches=micro_per_step)
+    if cost is not None:
+        compute = None
+        if peak_tflops and tokens_per_step:
+            world = parallel.tp * parallel.pp * parallel.cp * dp
+            compute = step_compute_seconds(model_cfg, ttt_cfg, seq_length, tokens_per_step, world, peak_tflops,
+                                           recompute)
+        lines += _format_scan(cost, parallel, compute, peak_tflops)
     return "\n".join(lines)
