@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-hops", type=int, default=4, help="variable_tracking: assignments per chain after the first"
     )
-    parser.add_argument("--num-pairs", type=int, default=16, help="mqar: key-value pairs (at most 24)")
+    parser.add_argument("--num-pairs", type=int, default=16, help="mqar: key-value pairs (at most 50)")
     parser.add_argument("--copy-length", type=int, default=64, help="copy: letters in the copied string")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)

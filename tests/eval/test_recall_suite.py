@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from data_tools import synthetic
 from tests.eval.test_eval_run import run
+from ttt_train.data.recall import recall_mask
 from ttt_train.data.tokenizer import load_tokenizer
-from ttt_train.eval.recall import recall_mask
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_recall_mask():
 
 
 def test_bad_records_are_named(tmp_path, plain_dir):
-    with pytest.raises(FileNotFoundError, match="suite.records=.*no such file"):
+    with pytest.raises(FileNotFoundError, match="none.jsonl: no such records file"):
         run([f"models=[{plain_dir}]", "suite=recall", f"suite.records={tmp_path}/none.jsonl", f"out={tmp_path}/o"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "abc"}) + "\n")

@@ -95,23 +95,28 @@ def test_init_zero_target_with_gradient():
     assert tgt.proj.weight.grad.abs().max() > 0 and tgt.conv.weight.grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("init", ["next_token", "next_token_difference"])
 @pytest.mark.parametrize("use_proj", [True, False])
-def test_next_token_init_targets_the_next_source_vector(use_proj):
-    """init=next_token: V_t = scale * x_{t+1} inside t's chunk and document, 0 where t+1 lies beyond."""
+def test_next_token_inits_target_the_next_source_vector(use_proj, init):
+    """init=next_token: V_t = scale * x_{t+1} inside t's chunk and document, 0 where t+1 lies beyond;
+    init=next_token_difference: V_t = scale * (x_{t+1} - x_t), -scale * x_t where t+1 lies beyond."""
     d, C, scale = 8, 4, 0.5
-    tgt = LMAlignedTarget(d, kernel_size=5, use_proj=use_proj, init="next_token", init_scale=scale).double()
+    tgt = LMAlignedTarget(d, kernel_size=5, use_proj=use_proj, init=init, init_scale=scale).double()
     x = rand(2, 11, d, seed=3)
     ids = torch.tensor([[0] * 6 + [1] * 5, [0] * 11])
     expected = torch.zeros_like(x)
     for b in range(2):
-        for t in range(10):
-            if (t + 1) // C == t // C and ids[b, t + 1] == ids[b, t]:
-                expected[b, t] = x[b, t + 1] * (scale if use_proj else 1.0)
+        for t in range(11):
+            if t + 1 < 11 and (t + 1) // C == t // C and ids[b, t + 1] == ids[b, t]:
+                expected[b, t] = x[b, t + 1]
+            if init == "next_token_difference":
+                expected[b, t] -= x[b, t]
+    expected *= scale if use_proj else 1.0
     torch.testing.assert_close(tgt(x, C, ids), expected, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="init must be one of"):
         LMAlignedTarget(d, init="zeros")
     with pytest.raises(ValueError, match="kernel of at least 3"):
-        LMAlignedTarget(d, kernel_size=1, init="next_token")
+        LMAlignedTarget(d, kernel_size=1, init=init)
 
 
 def test_no_projection_and_reset():

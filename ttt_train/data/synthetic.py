@@ -5,9 +5,10 @@
   recall); the query asks for the values of some keys, answered in query order.
 - variable_tracking: chains "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... hidden in filler;
   the query asks which variables hold a value, answered in assignment order.
-- mqar: multi-query associative recall (Zoology's MQAR): `num_pairs` pairs "Kv" (distinct upper-case
-  keys, random lower-case values), then filler, then every pair again in a random order: each value
-  in that last section is answerable only by recalling its pair from the first.
+- mqar: multi-query associative recall (Zoology's MQAR): `num_pairs` pairs "Kv" (distinct one-byte
+  keys: upper-case letters, digits, symbols, none of them in the filler; random lower-case values),
+  then filler, then every pair again in a random order: each value in that last section is
+  answerable only by recalling its pair from the first.
 - copy: a random string of `copy_length` lower-case letters in angle brackets, filler, then the
   string again: every letter of the second copy is answerable only by recalling the first.
 
@@ -38,8 +39,8 @@ FILLER = (
     "There and back again.",
 )
 
-# Upper-case letters that start no filler sentence: mqar's keys never occur in its filler.
-KEY_LETTERS = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if not any(s.startswith(c) for s in FILLER))
+# mqar's keys: upper-case letters, digits and symbols that never occur in its filler (one byte each).
+KEY_LETTERS = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#$%&*+/:;<=>@^_~" if c not in "".join(FILLER))
 VALUE_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ttt_train.config_keys import build, check_fields, checked
 
 TARGETS = ("hidden_states", "input_embed")
-TARGET_INITS = ("dropin", "next_token")
+TARGET_INITS = ("dropin", "next_token", "next_token_difference")
 
 
 @dataclass
@@ -23,7 +23,8 @@ class TTTConfig:
     max_update_norm: per-chunk, per-document Frobenius clip tau of `lr * dW`, or None.
     target_init: how the target's conv and projection start (`ttt_train.ops.LMAlignedTarget`):
         `dropin` (the paper's: V = 0 at step 0, a pretrained model's outputs unchanged) or
-        `next_token` (from scratch: V_t = target_init_scale * source_{t+1} at step 0, no saddle).
+        `next_token` (from scratch: V_t = target_init_scale * source_{t+1} at step 0, no saddle) or
+        `next_token_difference` (from scratch: V_t = target_init_scale * (source_{t+1} - source_t)).
     An empty `layers` list is refused: `enabled: false` is the way to turn TTT off.
     """
 
@@ -57,8 +58,8 @@ class TTTConfig:
     def validate(self, num_layers: int) -> None:
         """Raise ValueError naming the offending `ttt.<key>` (types, ranges, layers against `num_layers`)."""
         check_fields(self, "ttt")
-        if self.target_init == "next_token" and self.conv_size < 3:
-            raise ValueError(f"ttt.target_init=next_token needs ttt.conv_size >= 3 (a tap for token t+1), "
+        if self.target_init != "dropin" and self.conv_size < 3:
+            raise ValueError(f"ttt.target_init={self.target_init} needs ttt.conv_size >= 3 (a tap for token t+1), "
                              f"got {self.conv_size}")
         if self.layers is not None:
             bad = [i for i in self.layers if i >= num_layers]

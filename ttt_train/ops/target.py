@@ -50,10 +50,14 @@ class LMAlignedTarget(nn.Module):
       while gradient still reaches the conv;
     - ``next_token`` (from scratch): the conv's tap for token ``t+1`` is 1 (others 0) and proj is
       ``init_scale`` times the identity, so ``V_t`` is the next token's source vector from step 0:
-      no saddle at ``V = 0`` for the outer optimiser to leave.
+      no saddle at ``V = 0`` for the outer optimiser to leave;
+    - ``next_token_difference`` (from scratch): taps +1 at ``t+1`` and -1 at ``t``, so
+      ``V_t = init_scale * (x_{t+1} - x_t)``: the change that turns token t's vector into the next
+      one's, whose sum over a chunk telescopes, so what all keys share (a common component of Z)
+      retrieves almost nothing.
     """
 
-    INITS = ("dropin", "next_token")
+    INITS = ("dropin", "next_token", "next_token_difference")
 
     def __init__(self, hidden_size: int, kernel_size: int = 5, use_proj: bool = True, init_std: float = 0.02,
                  device=None, dtype=None, init: str = "dropin", init_scale: float = 1.0):
@@ -62,7 +66,7 @@ class LMAlignedTarget(nn.Module):
             raise ValueError(f"kernel_size must be odd and >= 1 (same padding), got {kernel_size}")
         if init not in self.INITS:
             raise ValueError(f"init must be one of {list(self.INITS)}, got {init!r}")
-        if init == "next_token" and kernel_size < 3:
+        if init.startswith("next_token") and kernel_size < 3:
             raise ValueError(f"init=next_token needs a conv kernel of at least 3 (a tap for t+1), got {kernel_size}")
         self.hidden_size, self.kernel_size, self.init_std = hidden_size, kernel_size, init_std
         self.init, self.init_scale = init, float(init_scale)
@@ -74,11 +78,14 @@ class LMAlignedTarget(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.conv.weight.zero_()
-        if self.init == "next_token":
-            self.conv.weight[:, 0, self.kernel_size // 2 + 1] = 1.0
+        centre = self.kernel_size // 2
+        if self.init != "dropin":
+            self.conv.weight[:, 0, centre + 1] = 1.0
+        if self.init == "next_token_difference":
+            self.conv.weight[:, 0, centre] = -1.0
         if self.proj is not None:
             self.proj.weight.zero_()
-            if self.init == "next_token":
+            if self.init != "dropin":
                 self.proj.weight.diagonal().fill_(self.init_scale)
             else:
                 self.proj.weight.diagonal().normal_(0.0, self.init_std)

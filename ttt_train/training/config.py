@@ -158,11 +158,17 @@ class LoggingConfig:
 class ValidationConfig:
     """Held-out loss on `num_batches` micro-batches per data-parallel rank of the data's validation
     split every `every_steps` steps (0: off) and at each stage's end, plus the loss by token position
-    in `position_buckets` equal buckets up to seq_length."""
+    in `position_buckets` equal buckets up to seq_length.
+
+    `recall_records`: a JSON-lines file of `data_tools.synthetic` records (held-out documents with
+    `recall_spans`); at each validation the loss on exactly their recall tokens (what only a memory of
+    the context predicts) is logged as `val/recall_loss`, over the first `recall_count` records."""
 
     every_steps: int = 0
     num_batches: int = 2
     position_buckets: int = 8
+    recall_records: str | None = None
+    recall_count: int = 32
 
 
 @dataclass

@@ -85,17 +85,30 @@ def validate(stage: Stage, built: Built, run: RunState, step: int) -> None:
                           micro_batch_size=stage.training.micro_batch_size,
                           seq_length=stage.seq_length // stage.parallel.cp, forward_only=True,
                           position_buckets=v.position_buckets)
+        recall = _recall_loss(stage, built) if built.recall_set is not None else None
     for chunk in built.chunks:
         chunk.train()
-    loss, by_position = _from_last_rank((result["loss"], result["position_loss"]), stage.parallel.pp)
+    loss, by_position, recall = _from_last_rank((result["loss"], result["position_loss"], recall), stage.parallel.pp)
     sums, counts = by_position.tolist()
     record = {"stage": stage.index, "stage_name": stage.name, "step": step, "run_step": run.run_step_offset + step,
               "val/loss": loss}
+    if recall is not None:
+        record["val/recall_loss"] = recall
     edges = [round((i + 1) * stage.seq_length / v.position_buckets) for i in range(v.position_buckets)]
     record.update({f"val/loss_pos_{edge}": s / c if c else float("nan") for edge, s, c in zip(edges, sums, counts)})
     run.writer.log(record)
-    run.writer.print(f"{stage.label}  step {step}/{stage.steps}  validation loss {loss:.4f}  by position "
+    run.writer.print(f"{stage.label}  step {step}/{stage.steps}  validation loss {loss:.4f}"
+                     + (f"  recall loss {recall:.4f}" if recall is not None else "") + "  by position "
                      + " ".join(f"{record[f'val/loss_pos_{e}']:.3f}" for e in edges))
+
+
+def _recall_loss(stage: Stage, built: Built) -> float | None:
+    """Mean loss on the recall tokens of this rank's `validation.recall_records` rows (all ranks
+    reduce; None off the last pipeline stage)."""
+    rows, micro = built.recall_set, stage.training.micro_batch_size
+    batches = iter([{k: v[i:i + micro] for k, v in rows.items()} for i in range(0, len(rows["tokens"]), micro)])
+    return run_step(built.chunks, batches, num_microbatches=len(rows["tokens"]) // micro, micro_batch_size=micro,
+                    seq_length=stage.seq_length // stage.parallel.cp, forward_only=True)["loss"]
 
 
 def train_stage(stage: Stage, built: Built, run: RunState, start_step: int) -> bool:

@@ -23,6 +23,7 @@ class Built:
     train_set: object
     valid_set: object | None
     manifest: dict
+    recall_set: dict | None = None  # validation.recall_records as one batch of this rank's rows
 
 
 def build(stage: Stage, validation) -> Built:
@@ -51,7 +52,26 @@ def build(stage: Stage, validation) -> Built:
     manifest = build_manifest(stage.model, stage.ttt, stage.parallel, t.dtype, tokenizer=tokenizer,
                               data_fingerprint=dataset_fingerprint(stage.data))
     return Built(chunks, optimizer, scheduler, tokenizer, ttt_layers(chunks), train_set,
-                 valid_set if valid_samples else None, manifest)
+                 valid_set if valid_samples else None, manifest, recall_rows(stage, validation, tokenizer, dp))
+
+
+def recall_rows(stage: Stage, validation, tokenizer, dp: int) -> dict | None:
+    """This data-parallel rank's share of `validation.recall_records` as one batch (None when off):
+    the first `recall_count` records rounded down to a multiple of dp * micro_batch_size."""
+    if validation.every_steps <= 0 or validation.recall_records is None:
+        return None
+    from megatron.core import parallel_state as ps
+
+    from ttt_train.data.recall import read_records, recall_batch
+
+    group = dp * stage.training.micro_batch_size
+    count = validation.recall_count // group * group
+    records = read_records(validation.recall_records, count)
+    if len(records) < group:
+        raise ValueError(f"validation.recall_records={validation.recall_records} holds {len(records)} records; "
+                         f"{group} at least are needed (data-parallel size x micro_batch_size)")
+    records = records[:len(records) // group * group]
+    return recall_batch(records[ps.get_data_parallel_rank()::dp], tokenizer, stage.seq_length)
 
 
 def rank_state() -> dict:
