@@ -16,6 +16,10 @@ import typing
 from collections.abc import Mapping
 
 
+class ConfigError(ValueError):
+    """A configuration refused before any compute; the message names the key and a fix."""
+
+
 def checked(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, gt=None, ge=None, lt=None, le=None,
             choices=None, odd: bool = False, nonempty: bool = False):
     """A dataclass field with a range rule: gt/ge/lt/le bounds (numbers, or each element of a list),

@@ -2,7 +2,7 @@
 
 The same command under `torchrun --nproc-per-node N -m ttt_train.train ...` runs on N ranks. Every
 option is a Hydra override of `configs/train.yaml` (e.g. `stages.1.seq_length=65536`,
-`optimizer.lr=1e-5`, `+stages.1.parallel.tp=2`); `run.dry_run=true` prints the plan (resolved
+`optimizer.lr=1e-5`, `stages.1.parallel.tp=2`); `run.dry_run=true` prints the plan (resolved
 config, layouts, steps and tokens per stage, memory per rank) without compute.
 
 The run folder (`run.dir`, default `runs/<experiment>`) holds `config.yaml`, `metrics.jsonl`,

@@ -24,9 +24,9 @@ def refused(overrides, capsys) -> str:
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr'; known keys of optimizer: ['adam_beta1'"),
+    (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr' (did you mean 'optimizer.lr'?); known keys of optimizer: ['adam_beta1'"),
     (["stages.1.parallel.cpp=2"], "unknown config key 'stages.1.parallel.cpp'"),
-    (["+stages.1.ddp.bucket=2"], "stages.1.ddp: Key 'bucket' not in 'DDPConfig'"),
+    (["+stages.1.ddp.bucket=2"], "unknown config key 'stages.1.ddp.bucket' (did you mean 'stages.1.ddp.bucket_size'?)"),
     (["training.micro_batch_size=x"], "Value 'x' of type 'str' could not be converted to Integer"),
     (["training.global_batch_size=6"], "stages.0: training.global_batch_size=6 is not a multiple of "
                                        "training.micro_batch_size x dp = 2 x 2 = 4"),
@@ -45,9 +45,53 @@ def refused(overrides, capsys) -> str:
     (["stages.0.tokens=100"], "stages.0.tokens=100 is less than one step"),
     (["run.world_size=8"], "run.world_size=8 but the launch has 2 ranks"),
     (["ttt.chunk_size=0"], "ttt.chunk_size"),
+    # appended keys are checked too, whatever the syntax (Hydra alone would keep them and ignore them)
+    (["+optimzer.lr=1e-3"], "unknown config key 'optimzer.lr' (did you mean 'optimizer.lr'?)"),
+    (["+trainig.micro_batch_size=8"], "unknown config key 'trainig.micro_batch_size' (did you mean "
+                                      "'training.micro_batch_size'?)"),
+    (["+foo=1"], "unknown config key 'foo'; known keys of the root: ['checkpoint'"),
+    (["++optimzer.lr=2"], "unknown config key 'optimzer.lr' (did you mean 'optimizer.lr'?)"),
+    (["+optimizer.lrr=2"], "unknown config key 'optimizer.lrr' (did you mean 'optimizer.lr'?)"),
+    (["+stages.1.foo=1"], "unknown config key 'stages.1.foo'; known keys of stages.1: ['data'"),
+    (["+stages.1.ttt.lr_warmup.stps=3"], "did you mean 'stages.1.ttt.lr_warmup.steps'?"),
+    (["optimzer.lr=1"], "unknown config key 'optimzer.lr' (did you mean 'optimizer.lr'?)"),
+    (["+optimizer.lr=3"], "optimizer.lr is a key of this config already: set it without the '+'"),
+    (["data.seq_length=512"], "unknown config key 'data.seq_length'; known keys of data: ['blend'"),
+    (["stages.0.yarn.factor=2.0"], "stages.0.yarn.factor=2.0: stages.0.yarn is null here, so a key below it cannot be set alone"),
+    (["~stages.7"], "~stages.7: no stage '7'; this experiment's stages are 0: ctx1k, 1: ctx4k"),
+    (["stages.ctx8k.tokens=1"], "no stage 'ctx8k'; this experiment's stages are 0: ctx1k, 1: ctx4k"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_refusals_name_the_key_and_a_fix(base, capsys, extra, expected):
     assert expected in refused(base + extra, capsys)
+
+
+def test_no_hydra_advice_to_append_a_misspelt_key(base, capsys):
+    err = refused(base + ["optimzer.lr=1"], capsys)
+    assert "+optimzer" not in err and "To append" not in err and err.count("\n") == 1
+
+
+def test_a_stage_sets_any_key_of_a_section_and_stages_go_by_index_or_name():
+    from ttt_train.training.config import compose
+
+    cfg = compose(["experiment=tiny_ttt", "stages.1.parallel.tp=2", "stages.0.ttt.lr_warmup.steps=3",
+                   "stages.ctx4k.training.dtype=bf16"])
+    assert dict(cfg.stages[1].parallel) == {"cp": 2, "tp": 2} and cfg.stages[0].ttt.lr_warmup.steps == 3
+    assert cfg.stages[1].training.dtype == "bf16"
+    assert [s.name for s in compose(["experiment=tiny_ttt", "~stages.1"]).stages] == ["ctx1k"]
+    alone = compose(["experiment=tiny_ttt", "~stages.ctx1k", "stages.1.tokens=8192"])
+    assert [(s.name, s.tokens) for s in alone.stages] == [("ctx4k", 8192)]  # indices are the experiment's
+
+
+def test_schema_is_derived_from_the_dataclasses():
+    import dataclasses
+
+    from ttt_train.data.datasets import DataConfig
+    from ttt_train.training.config import SECTIONS, StageConfig, TrainConfig, section_schema
+
+    stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
+    assert set(SECTIONS) <= stage_fields and {f.name for f in dataclasses.fields(TrainConfig)} >= set(SECTIONS)
+    data = {f.name for f in dataclasses.fields(section_schema("data"))}
+    assert data == {f.name for f in dataclasses.fields(DataConfig)} - {"seq_length"}
 
 
 def test_missing_experiment_lists_the_choices(capsys):

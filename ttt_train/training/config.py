@@ -1,24 +1,31 @@
 """The training driver's configuration: Hydra structured configs built from the project's dataclasses.
 
 `configs/train.yaml` composes on top of `TrainConfig` (registered as `train_schema`), so Hydra
-type-checks every value and refuses an unknown key by name. Sections:
+type-checks every value, and `compose` refuses any key `TrainConfig` lacks, whatever the override
+syntax (`key=`, `+key=`, `++key=`), naming the closest known key. Sections:
 
     model (ModelConfig)  ttt (TTTConfig + lr_warmup)  parallel (ParallelConfig)  ddp (DDPConfig)
-    optimizer (OptimizerArgs)  schedule  data (DataConfig; seq_length comes from each stage)
+    optimizer (OptimizerArgs)  schedule  data (DataConfig less seq_length, which each stage sets)
     training (batch sizes, precision, recompute, numerics)  checkpoint  logging  validation  init  run
     stages (the curriculum: list of StageConfig)
 
-A stage may override any section (`stages.1.parallel: {cp: 8}`); its overrides are checked against
-the section's schema when the stage is resolved (`ttt_train.training.curriculum`).
+A stage may override any key of the sections in `SECTIONS` (`stages.1.parallel.tp=2`, no `+` needed);
+its overrides are checked against the section's schema here and when the stage is resolved
+(`ttt_train.training.curriculum`). `~stages.K` (an index or a stage name) removes a stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttt_train.data.datasets import BlendEntry
+from ttt_train.config_compose import check_schema, explain, nullable_parent, one_line, parse, schema_lookup
+from ttt_train.config_keys import ConfigError
+from ttt_train.data.datasets import BlendEntry, DataConfig  # noqa: F401 - BlendEntry: DataSection's hints
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.models.config import ModelConfig, YarnConfig
 from ttt_train.runtime.distributed import ParallelConfig
@@ -26,12 +33,8 @@ from ttt_train.training.optimizer import OptimizerArgs
 from ttt_train.training.setup import DDPConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-SECTIONS = ("model", "ttt", "parallel", "ddp", "optimizer", "schedule", "data", "training")
-"""Top-level sections a stage may override."""
 
-
-class ConfigError(ValueError):
-    """A configuration the driver refuses before any compute; the message names the key and a fix."""
+__all__ = ["ConfigError", "TrainConfig", "StageConfig", "SECTIONS", "section_schema", "compose"]
 
 
 @dataclass
@@ -51,21 +54,25 @@ class TTTSection(TTTConfig):
     lr_warmup: InnerLRWarmup = field(default_factory=InnerLRWarmup)
 
 
-@dataclass
-class DataSection:
-    """`DataConfig` fields; `seq_length` is set by each stage (a value here is overwritten)."""
+def _section_of(cls, name: str, *, drop: tuple[str, ...], doc: str):
+    """Dataclass `name`: the fields of `cls` except `drop`, each with a default (a config section)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in drop:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default = field(default_factory=list) if typing.get_origin(hints[f.name]) is list else field(default=None)
+        else:
+            default = field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+        fields.append((f.name, hints[f.name], default))
+    section = dataclasses.make_dataclass(name, fields)
+    section.__module__, section.__doc__ = __name__, doc
+    return section
 
-    blend: list[BlendEntry] = field(default_factory=list)
-    seq_length: int | None = None
-    split: str = "98,1,1"
-    seed: int = 1234
-    cache_dir: str = "data_cache"
-    tokenizer: str = "byte"
-    eod_token: str | None = None
-    eod_mask_loss: bool = False
-    reset_position_ids: bool = False
-    mid_level_dataset_surplus: float = 0.005
-    num_workers: int = 0
+
+DataSection = _section_of(DataConfig, "DataSection", drop=("seq_length",),
+                          doc="`DataConfig`'s keys but `seq_length`, which each stage sets (`stages.K.seq_length`).")
 
 
 @dataclass
@@ -99,24 +106,33 @@ class TrainingConfig:
     max_skipped_steps: int = 3
 
 
+def _overrides_of(section: str):
+    """A stage's overrides of top-level `section`: a mapping of some of that section's keys."""
+    return field(default_factory=dict, metadata={"keys_of": lambda: section_schema(section)})
+
+
 @dataclass
 class StageConfig:
     """One stage of the curriculum: `tokens` trained at `seq_length` with rotary `yarn` (null: the
     model's own rotary settings, e.g. Llama-3.1's scaling). The other fields override top-level
-    sections for this stage only (same keys as the section)."""
+    sections for this stage only (any key of the section)."""
 
     name: str = "???"
     tokens: int = "???"  # type: ignore[assignment]
     seq_length: int = "???"  # type: ignore[assignment]
     yarn: YarnConfig | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    ttt: dict[str, Any] = field(default_factory=dict)
-    parallel: dict[str, Any] = field(default_factory=dict)
-    ddp: dict[str, Any] = field(default_factory=dict)
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    schedule: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = _overrides_of("model")
+    ttt: dict[str, Any] = _overrides_of("ttt")
+    parallel: dict[str, Any] = _overrides_of("parallel")
+    ddp: dict[str, Any] = _overrides_of("ddp")
+    optimizer: dict[str, Any] = _overrides_of("optimizer")
+    schedule: dict[str, Any] = _overrides_of("schedule")
+    data: dict[str, Any] = _overrides_of("data")
+    training: dict[str, Any] = _overrides_of("training")
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(StageConfig) if "keys_of" in f.metadata)
+"""Top-level sections a stage may override."""
 
 
 @dataclass
@@ -188,14 +204,20 @@ class RunConfig:
     """name: the experiment (default: the `experiment=` choice). dir: run folder (default
     runs/<name>). dry_run: print the plan and exit. world_size: ranks to plan for in a dry run (and,
     if set, checked at launch). exit_after_minutes: save and exit (code 75) once this much wall time
-    has passed (0: off). signals: signal names that trigger a save and exit 75 at the next step."""
+    has passed (0: off). signals: signal names that trigger a save and exit 75 at the next step
+    (SIGINT: Ctrl-C). stages: train only these stages (indices or names, e.g. [1] or [ctx4k]; null:
+    every stage not finished); each needs the stage before it finished. restart_stages: with `stages`,
+    train the chosen stages again from their start: their folders and those of the stages after
+    them are moved aside (`stages/<k>_<name>.replaced-<time>`), never deleted."""
 
     name: str | None = None
     dir: str | None = None
     dry_run: bool = False
     world_size: int | None = None
     exit_after_minutes: float = 0.0
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    stages: list[Any] | None = None
+    restart_stages: bool = False
 
 
 @dataclass
@@ -216,9 +238,9 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
 
-SCHEMAS = {"model": ModelConfig, "ttt": TTTSection, "parallel": ParallelConfig, "ddp": DDPConfig,
-           "optimizer": OptimizerArgs, "schedule": ScheduleConfig, "data": DataSection,
-           "training": TrainingConfig}
+def section_schema(section: str):
+    """The dataclass of top-level section `section` (e.g. `ParallelConfig` for "parallel")."""
+    return typing.get_type_hints(TrainConfig)[section]
 
 
 def _register() -> None:
@@ -227,68 +249,136 @@ def _register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def _known_keys(path: list[str]) -> set[str] | None:
-    """Field names of the schema node at `path` (e.g. ["stages", "1", "parallel"]), or None."""
-    import dataclasses
-    import typing
+_STAGE_KEY = re.compile(rf"stages\.\d+\.({'|'.join(SECTIONS)})\..+")
+_STAGE = re.compile(r"stages\.([^.]+)")
+_NAMED_STAGE = re.compile(r"stages\.([^.\d][^.]*)(\..+)")
+_HINTS = {re.compile(r"(stages\.\d+\.)?data\.seq_length"): "; each stage sets its own: stages.K.seq_length"}
 
-    node = TrainConfig
-    for part in path:
-        if node is StageConfig and part in SCHEMAS:
-            node = SCHEMAS[part]
+
+def _hinted(err: ConfigError) -> ConfigError:
+    """`err` with the advice of `_HINTS` for the unknown key it names, if any."""
+    match = re.match(r"unknown config key '([^']+)'", str(err))
+    hint = next((h for pattern, h in _HINTS.items() if match and pattern.fullmatch(match.group(1))), "")
+    return ConfigError(f"{err}{hint}") if hint else err
+
+
+def _lookup(parts: list[str]):
+    return schema_lookup(TrainConfig, parts)
+
+
+def _hydra_compose(items: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    _register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
+        return hydra_compose("train", overrides=items, return_hydra_config=True)
+
+
+def _composed(parsed: list, items: list[str]):
+    """Hydra's composition of `items`, its errors as ConfigError (one line naming the key)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _hydra_compose(items)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(explain(err, _lookup)) from err
+    except AssertionError as err:  # OmegaConf, on a key set below a null value (e.g. stages.0.yarn.factor)
+        raise _below_null(parsed, items, err) from err
+
+
+def _below_null(parsed: list, items: list[str], err: AssertionError) -> ConfigError:
+    """The refusal of an override that sets a key below an optional section that is null here."""
+    from omegaconf import OmegaConf
+
+    below = {o.input_line: nullable_parent(TrainConfig, o.key_or_group.split(".")) for o in parsed}
+    below = {line: found for line, found in below.items() if found}
+    try:
+        reference = _hydra_compose([line for line in items if line.lstrip("+") not in below])
+    except Exception:  # noqa: BLE001 - only to find the culprit; the original error is reported instead
+        return ConfigError(f"cannot apply the overrides: {one_line(err)}")
+    for line, (path, keys) in below.items():
+        if OmegaConf.select(reference, path) is None:
+            return ConfigError(f"{line}: {path} is null here, so a key below it cannot be set alone; set it whole, "
+                               f"e.g. {path}={{{keys[0]}: ..., {keys[1]}: ...}} (keys: {keys})")
+    return ConfigError(f"cannot apply the overrides: {one_line(err)}")
+
+
+def stage_index(ref, names: list[str], what: str) -> int:
+    """Index of stage `ref` (an index or a name) among the stage `names`; ConfigError naming `what`."""
+    text = str(ref)
+    index = int(text) if text.isdigit() else names.index(text) if text in names else None
+    if index is None or index >= len(names):
+        listing = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
+        raise ConfigError(f"{what}: no stage {text!r}; this experiment's stages are {listing or 'none'}")
+    return index
+
+
+def _by_index(parsed: list, removed: list) -> list:
+    """`parsed` with `stages.NAME.KEY=V` rewritten to `stages.INDEX.KEY=V` (the experiment's stage names
+    come from a composition without those overrides)."""
+    named = [o for o in parsed if _NAMED_STAGE.fullmatch(o.key_or_group) and o not in removed]
+    if not named:
+        return parsed
+    base = _composed(parsed, _items([o for o in parsed if o not in named], removed))
+    names = [s.name for s in base.stages]
+    lines = []
+    for o in parsed:
+        match = _NAMED_STAGE.fullmatch(o.key_or_group) if o in named else None
+        if match is None:
+            lines.append(o.input_line)
             continue
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
-        if node is TrainConfig and part == "stages":
-            node = "list"
-        elif node == "list" and part.isdigit():
-            node = StageConfig
-        elif part in hints and dataclasses.is_dataclass(hints[part]):
-            node = hints[part]
-        else:
-            return None
-    return {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else None
+        prefix = o.input_line[:o.input_line.index(o.key_or_group)]
+        value = o.input_line[len(prefix) + len(o.key_or_group):]
+        lines.append(f"{prefix}stages.{stage_index(match.group(1), names, o.input_line)}{match.group(2)}{value}")
+    return parse(lines)
 
 
-def _explain(err: Exception) -> str:
-    """Hydra's message in one line, with the cause, and a precise hint for a key it cannot override."""
-    import re
+def _items(parsed: list, removed: list) -> list[str]:
+    """The override lines for Hydra: `~stages.K` left out (applied after composing), and a stage's
+    `stages.K.SECTION.KEY=V` made `++` (the stage's mapping holds only the keys it overrides)."""
+    from hydra.core.override_parser.types import OverrideType
 
-    message = " ".join(str(err).split())
-    if err.__cause__ is not None and str(err.__cause__).split("\n")[0] not in message:
-        message += ": " + " ".join(str(err.__cause__).split())
-    match = re.search(r"Could not override '([^']+)'", message)
-    if match:
-        key = match.group(1).lstrip("+~")
-        *parent, leaf = key.split(".")
-        known = _known_keys(parent)
-        if known is not None and leaf not in known:
-            return f"unknown config key {key!r}; known keys of {'.'.join(parent) or 'the root'}: {sorted(known)}"
-        if known is not None:
-            return f"{key} is not set in this config; add it with +{key}=VALUE"
-    return message
+    return [("++" if o.type is OverrideType.CHANGE and _STAGE_KEY.fullmatch(o.key_or_group) else "") + o.input_line
+            for o in parsed if o not in removed]
+
+
+def _remove_stages(cfg, references: list[str]) -> None:
+    """Delete the stages named by index or name in `references` (the `~stages.K` overrides)."""
+    names = [s.name for s in cfg.stages]
+    indices = {stage_index(ref, names, f"~stages.{ref}") for ref in references}
+    cfg.stages = [stage for i, stage in enumerate(cfg.stages) if i not in indices]
 
 
 def compose(overrides: list[str]):
     """The composed, type-checked config (an OmegaConf DictConfig) for Hydra `overrides`.
 
-    Raises ConfigError with Hydra's message (it names the key) on an unknown key, a bad type or a
-    missing experiment. `run.name` defaults to the chosen experiment.
+    Raises ConfigError (one line naming the key, and the closest known key for a misspelt one) on an
+    unknown key whatever its syntax, a bad type or a missing experiment. `stages.K.SECTION.KEY=V`
+    sets any key of the section for stage K (an index or a name); `~stages.K` removes stage K.
+    `run.name` defaults to the chosen experiment.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
 
-    _register()
+    parsed = parse(overrides)
+    is_removal = lambda o: o.is_delete() and _STAGE.fullmatch(o.key_or_group)  # noqa: E731
+    parsed = _by_index(parsed, [o for o in parsed if is_removal(o)])
+    removed = [o for o in parsed if is_removal(o)]
+    items = _items(parsed, removed)
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
-            cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_explain(err)) from err
+        cfg = _composed(parsed, items)
+    except ConfigError as err:
+        raise _hinted(err) from err.__cause__
     experiment = cfg.hydra.runtime.choices.get("experiment")
     with open_dict(cfg):
         del cfg["hydra"]
+    if removed:
+        _remove_stages(cfg, [_STAGE.fullmatch(o.key_or_group).group(1) for o in removed])
+    try:
+        check_schema(cfg, TrainConfig)
+    except ConfigError as err:
+        raise _hinted(err) from None
     if cfg.run.name is None:
         cfg.run.name = experiment
     if cfg.run.dir is None:
