@@ -44,12 +44,11 @@ MEMORY_METHOD = {
 
 
 def compose(argv: list[str]):
-    """The bench config composed from `configs/bench/bench.yaml` and Hydra overrides `argv`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The bench config composed from `configs/bench/bench.yaml` and Hydra overrides `argv` (a key it
+    lacks is refused, `+` or not, except new keys of `model.overrides`, which `ModelConfig` checks)."""
+    from ttt_train.config_compose import compose_yaml
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name="bench", overrides=list(argv))
+    return compose_yaml(CONFIG_DIR, "bench", argv, open_keys=("model.overrides",))
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -294,7 +293,14 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = compose(sys.argv[1:] if argv is None else argv)
+    from ttt_train.config_keys import ConfigError
+
+    try:
+        cfg = compose(sys.argv[1:] if argv is None else argv)
+        bench_model_config(cfg)  # model.overrides: ModelConfig keys
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # a bad key, value or preset: refused
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     result = run(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

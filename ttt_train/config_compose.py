@@ -9,7 +9,8 @@ nothing. Here every key must belong to the entry point's schema:
   field, recursively (`first_unknown`); a `dict` field whose metadata has `keys_of` (a dataclass, or a
   function returning one) holds some of that dataclass's keys (a stage's overrides of a section);
 - a YAML-only config (eval, demo, bench, convert: `compose_yaml`): the schema is what its YAML files
-  compose to before the value overrides; the mappings named in `open_keys` take new keys.
+  compose to before the value overrides; the mappings named in `open_keys` take new entries (whose
+  own keys are not checked), while the keys of their existing entries are.
 """
 
 from __future__ import annotations
@@ -37,18 +38,23 @@ def parse(overrides: Sequence[str]) -> list:
 
 
 def one_line(err: BaseException) -> str:
-    """`err`'s message (and its cause's, when not already in it) on one line."""
+    """`err`'s message (and its cause's, when not already in it) on one line. A ConfigError's message
+    is complete: its cause (Hydra's own wording) is left out."""
     message = " ".join(str(err).split())
     cause = err.__cause__
-    if cause is not None and " ".join(str(cause).split()) not in message:
+    if cause is not None and not isinstance(err, ConfigError) and " ".join(str(cause).split()) not in message:
         message += ": " + " ".join(str(cause).split())
     return message
 
 
 def closest(word: str, choices) -> str | None:
     """The choice most like `word` (a typo's intended key), or None when none is close."""
-    matches = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    choices = [str(c) for c in choices]
+    matches = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if matches:
+        return matches[0]
+    started = sorted((c for c in choices if len(word) >= 3 and c.startswith(word)), key=len)  # a shortened key
+    return started[0] if started else None
 
 
 def unknown_key(key: str, depth: int, known) -> ConfigError:
@@ -208,7 +214,7 @@ def _node_lookup(reference, open_keys: Sequence[str]):
         node = reference
         for depth, part in enumerate(parts):
             path = ".".join(parts[:depth])
-            if path in open_keys:
+            if path in open_keys and isinstance(node, DictConfig) and part not in node:
                 return f"{path} takes new keys: add one with +{'.'.join(parts)}=VALUE"
             if isinstance(node, DictConfig):
                 if part not in node:
@@ -239,7 +245,10 @@ def compose_yaml(config_dir: str | Path, config_name: str, overrides: Sequence[s
             return compose(config_name, overrides=items, return_hydra_config=True)
 
     def reference(groups: set[str]):
-        return composed([o.input_line for o in parsed if o.key_or_group in groups])
+        cfg = composed([o.input_line for o in parsed if o.key_or_group in groups])
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
 
     try:
         cfg = composed(list(overrides))

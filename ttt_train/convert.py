@@ -6,8 +6,8 @@
 The arguments are Hydra overrides of `configs/convert/import.yaml` / `export.yaml`; `--key value`
 (or `--key=value`) is a shorthand for `key=value` (dashes become underscores) and `--no-verify` for
 `verify=false`. Import at `--tp`/`--pp` > 1 runs under `torchrun --nproc-per-node tp*pp`; export
-always runs in one process. Exit code 0: done; 1: bad input (one-line error); 2: the verification's
-logit difference exceeds the tolerance.
+always runs in one process. Exit code 0: done; 2: bad input, refused (one-line error); 1: failed (the
+verification's logit difference exceeds the tolerance).
 """
 
 from __future__ import annotations
@@ -47,15 +47,12 @@ def to_overrides(args: list[str]) -> list[str]:
 
 def compose(command: str, overrides: list[str]):
     """The composed config of `import` (configs/convert/import.yaml, with the configs/ttt group) or
-    `export` (configs/convert/export.yaml)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    `export` (configs/convert/export.yaml); a key they do not define is refused (ConfigError), `+` or not."""
+    from ttt_train.config_compose import compose_yaml
 
     if command == "import":
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return hydra_compose("convert/import", overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR / "convert"), version_base=None):
-        return hydra_compose("export", overrides=overrides)
+        return compose_yaml(CONFIG_DIR, "convert/import", overrides)
+    return compose_yaml(CONFIG_DIR / "convert", "export", overrides)
 
 
 def run_import(cfg) -> None:
@@ -107,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         (run_import if argv[0] == "import" else run_export)(cfg)
     except VerificationError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError, HydraException, OmegaConfBaseException) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         from ttt_train.runtime.distributed import destroy
 

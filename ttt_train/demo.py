@@ -37,14 +37,14 @@ class CommandFailed(RuntimeError):
 
 
 def compose(overrides: list[str]) -> dict:
-    """configs/demo/demo.yaml with `overrides`, as plain containers."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """configs/demo/demo.yaml with `overrides`, as plain containers (a key it lacks is refused, `+` or
+    not, except new entries of `runs` and `eval`)."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = hydra_compose(config_name="demo", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+    from ttt_train.config_compose import compose_yaml
+
+    return OmegaConf.to_container(compose_yaml(CONFIG_DIR, "demo", overrides, open_keys=("runs", "eval")),
+                                  resolve=True)
 
 
 def run(shown: list[str], argv: list[str]) -> None:
@@ -177,13 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from ttt_train.config_keys import ConfigError
 
     try:
         cfg = compose(argv)
-    except (HydraException, OmegaConfBaseException) as err:
-        print(f"demo: {' '.join(str(err).split())} (configs/demo/demo.yaml)", file=sys.stderr)
+    except ConfigError as err:
+        print(f"demo: {err} (configs/demo/demo.yaml)", file=sys.stderr)
         return 2
     out = Path(cfg["out"])
     labels = list(cfg["runs"])

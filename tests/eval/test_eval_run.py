@@ -180,7 +180,12 @@ def test_command_line(tmp_path, ttt_dir, monkeypatch, capsys):
     assert seen == [(0.5, 1.0)] and len((out / "results.jsonl").read_text().splitlines()) == 2
 
     monkeypatch.setattr(sys, "argv", ["ttt_train.eval", f"models=[{ttt_dir}]", "samples=0", f"out={out}"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
+    assert main() == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: samples=0: an integer >= 1 is needed"]
+    # an appended key the config lacks is refused too (Hydra alone keeps it, and nothing reads it)
+    for typo, message in (("+sammples=3", "unknown config key 'sammples' (did you mean 'samples'?)"),
+                          ("sammples=3", "unknown config key 'sammples' (did you mean 'samples'?)"),
+                          ("++suite.taks=[x]", "unknown config key 'suite.taks' (did you mean 'suite.tasks'?)")):
+        assert main([f"models=[{ttt_dir}]", typo, f"out={out}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "+sammples" not in err and err.count("\n") == 1, err

@@ -219,7 +219,7 @@ def test_cli_import_then_export(tmp_path):
     assert run_local_ranks(main, 1, args) == [0]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     args = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
-    assert run_local_ranks(main, 1, args) == [1]  # the folder exists
+    assert run_local_ranks(main, 1, args) == [2]  # the folder exists: refused
 
 
 def test_byte_tokenizer_exports_for_auto_tokenizer(tmp_path):
