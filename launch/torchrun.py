@@ -1,22 +1,25 @@
-"""torchrun, keeping the training driver's "saved and stopped early" exit code and its preemption signals.
+"""torchrun, keeping the training driver's exit codes and its preemption signals.
 
     python launch/torchrun.py [torchrun options] -m MODULE [args ...]   (torchrun's own arguments)
 
 Two differences from `torchrun` (torch.distributed.run), which the launch scripts need:
-- Exit code: torchrun reports 1 whenever a worker fails, so the driver's exit code 75 ("checkpoint
-  saved, stopped early; rerun to continue", `ttt_train.training.preemption.EXIT_PREEMPTED`) would be
-  lost. Here the launcher exits 75 when a worker exited 75 and every other failed worker either
-  exited 75 or was stopped by a signal (torchrun stops the rest of the group after the first exit).
-- SIGTERM and SIGUSR1 are forwarded to every worker's process group (torchrun starts each worker in
-  its own session) and the workers are left to finish their step, save and exit. torchrun itself
-  would forward SIGTERM, SIGKILL the workers `--shutdown-timeout` seconds later (30 s by default)
-  and die on SIGUSR1 (not one of its handled signals), which breaks a SLURM preemption save.
-  Other signals (SIGINT, SIGHUP, SIGQUIT) keep torchrun's handling.
+- Exit code: torchrun reports 1 whenever a worker fails, so the driver's exit codes 75 ("checkpoint
+  saved, stopped early; rerun to continue", `ttt_train.training.preemption.EXIT_PREEMPTED`) and 2
+  ("refused configuration") would be lost. Here the launcher exits with that code when a worker exited
+  with it and every other failed worker exited with it too or was stopped by a signal (torchrun stops
+  the rest of the group after the first exit), without torchrun's failure report; anything else is 1.
+- SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) are forwarded to every worker's process group (torchrun starts
+  each worker in its own session) and the workers are left to finish their step, save and exit 75.
+  torchrun itself would forward SIGTERM and SIGINT, SIGKILL the workers `--shutdown-timeout` seconds
+  later (30 s by default) and die on SIGUSR1 (not one of its handled signals), which breaks a SLURM
+  preemption save. SIGHUP and SIGQUIT keep torchrun's handling.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import sys
 
@@ -26,7 +29,8 @@ from torch.distributed.run import parse_args, run
 
 from ttt_train.training.preemption import EXIT_PREEMPTED
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_REFUSED = 2  # the driver's "refused configuration" (ttt_train.train.EXIT_REFUSED)
 
 
 def _forward(signum: int, frame) -> None:
@@ -38,11 +42,21 @@ def _forward(signum: int, frame) -> None:
             pass
 
 
+class _DriverOutcomes(logging.Filter):
+    """Drops torchrun's "failed (exitcode: 75|2)" log lines: saved-and-stopped and refused are the
+    driver's own outcomes, which it reports itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return re.search(rf"failed \(exitcode: ({EXIT_PREEMPTED}|{EXIT_REFUSED})\)", record.getMessage()) is None
+
+
 def exit_code(failures: dict) -> int:
-    """75 when some worker exited 75 and the others that failed exited 75 or by a signal; else 1."""
+    """75 (or 2) when some worker exited 75 (or 2) and the others that failed exited so too or by a
+    signal; else 1."""
     codes = [failure.exitcode for failure in failures.values()]
-    if EXIT_PREEMPTED in codes and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
-        return EXIT_PREEMPTED
+    for code in (EXIT_PREEMPTED, EXIT_REFUSED):
+        if code in codes and all(c == code or c < 0 for c in codes):
+            return code
     return 1
 
 
@@ -52,12 +66,15 @@ def main(argv: list[str]) -> int:
     args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in names)
     for sig in FORWARDED:
         signal.signal(sig, _forward)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DriverOutcomes())
     try:
         run(args)
     except ChildFailedError as error:
-        print(f"launch: workers failed with exit codes "
-              f"{sorted({f.exitcode for f in error.failures.values()})}", file=sys.stderr)
-        return exit_code(error.failures)
+        code = exit_code(error.failures)
+        if code == 1:  # 75 and 2 are the driver's own outcomes, which it has reported
+            print(f"launch: workers failed with exit codes "
+                  f"{sorted({f.exitcode for f in error.failures.values()})}", file=sys.stderr)
+        return code
     return 0
 
 

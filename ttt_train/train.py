@@ -19,9 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+from ttt_train.config_compose import one_line
 from ttt_train.training.config import ConfigError, compose
-from ttt_train.training.curriculum import Stage, resolve, resume_point
+from ttt_train.training.curriculum import Stage, resolve
 from ttt_train.training.preemption import EXIT_PREEMPTED, StopFlags
+from ttt_train.training.start import selected
 
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
@@ -76,6 +78,11 @@ def print_plan(cfg, stages: list[Stage], world: int) -> None:
             missing.append(f"init.{key}: {cfg.init[key]} not found")
     if missing:
         print("# not found here (a real run refuses these):\n  " + "\n  ".join(missing))
+    if Path(cfg.run.dir).is_dir():
+        from ttt_train.training.start import describe
+
+        planned = _plan(cfg, stages)
+        print(f"# a launch now: {'refused: ' + planned[1] if isinstance(planned[0], int) else describe(planned[0], stages)}")
 
 
 def _write_status(run_dir: Path, **status) -> None:
@@ -83,6 +90,28 @@ def _write_status(run_dir: Path, **status) -> None:
     tmp = run_dir / ".status.json.tmp"
     tmp.write_text(json.dumps(status, indent=1) + "\n")
     os.replace(tmp, run_dir / "status.json")
+
+
+def _refused_status(run_dir: Path, code: int, error: str) -> None:
+    """Record a start that was refused (or could not read the run folder), keeping the run's own state."""
+    path = run_dir / "status.json"
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        previous = None
+    if previous and previous.get("state") in ("refused", "unreadable"):
+        previous = previous.get("previous")
+    if run_dir.is_dir():
+        _write_status(run_dir, state="refused" if code == EXIT_REFUSED else "unreadable", exit_code=code,
+                      error=error, **({"previous": previous} if previous else {}))
+
+
+def _finished_status(stages: list[Stage], plan) -> dict:
+    """status.json of a launch that trained what it planned: "finished", or "stages_finished" with
+    the stages still to train when `run.stages` left some out."""
+    if not plan.remaining:
+        return {"state": "finished", "exit_code": 0}
+    return {"state": "stages_finished", "exit_code": 0, "remaining": [stages[i].name for i in plan.remaining]}
 
 
 def _broadcast(value):
@@ -101,9 +130,34 @@ def _wandb_id(stages: list[Stage], start: int, resume: Path | None) -> str | Non
     return read_checkpoint_info(source)["metadata"].get("wandb_id") if source is not None else None
 
 
+def _plan(cfg, stages: list[Stage]):
+    """(StartPlan, wandb id) of this launch, or (exit code, message) when it cannot start (rank 0)."""
+    from ttt_train.training.start import plan_start
+
+    try:
+        plan = plan_start(cfg, stages)
+        return plan, _wandb_id(stages, plan.todo[0], plan.resume) if plan.todo else None
+    except ConfigError as err:
+        return EXIT_REFUSED, str(err)
+    except (OSError, ValueError, KeyError) as err:
+        return EXIT_FAILED, f"cannot resume from {cfg.run.dir}: {one_line(err)}"
+
+
+def _expected_failures() -> tuple:
+    """Exceptions that end a run with one line (exit 1, status "failed"): bad files and data, a checkpoint
+    that does not fit, too many non-finite steps, out of memory. Anything else is a bug: a traceback."""
+    import torch
+
+    from ttt_train.training.numerics import NonFiniteError
+
+    return ValueError, OSError, NotImplementedError, NonFiniteError, torch.OutOfMemoryError
+
+
 def run(cfg, stages: list[Stage], flags) -> int:
-    """Train every stage not yet finished (collective); return the exit code. `flags`: the StopFlags
+    """Train the stages this launch plans (collective); return the exit code. `flags`: the StopFlags
     installed as early as possible (a signal during set-up then stops the run at its first step)."""
+    import traceback
+
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
@@ -111,39 +165,50 @@ def run(cfg, stages: list[Stage], flags) -> int:
     from ttt_train.training.checkpoint import latest_checkpoint
     from ttt_train.training.loop import RunState, train_stage
     from ttt_train.training.metrics import MetricsWriter, new_wandb_id
-    from ttt_train.training.numerics import NonFiniteError
     from ttt_train.training.plan import flops_per_token
     from ttt_train.training.stage_setup import build, load_start
+    from ttt_train.training.start import CONFIG, move_aside
 
     init_process_group()
     rank = dist.get_rank()
     run_dir = Path(cfg.run.dir)
-    planned = _broadcast(_plan_start(stages) if rank == 0 else None)
-    if isinstance(planned, str):  # rank 0 could not read the run folder: every rank stops with its message
+    planned = _broadcast(_plan(cfg, stages) if rank == 0 else None)
+    if isinstance(planned[0], int):  # refused, or the run folder is unreadable: every rank stops
+        code, message = planned
         if rank == 0:
-            print(f"error: {planned}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    start, resume, wandb_id = planned
-    if start == len(stages):
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            _refused_status(run_dir, code, message)
+        return code
+    plan, wandb_id = planned
+    if not plan.todo:
         if rank == 0:
-            print(f"{cfg.run.name}: finished already (all {len(stages)} stages done; final checkpoint "
-                  f"{latest_checkpoint(stages[-1].checkpoints)}); nothing to do", flush=True)
+            print(f"{cfg.run.name}: {plan.done}", flush=True)
+            _write_status(run_dir, **_finished_status(stages, plan))
         return 0
+    names = [stages[i].name for i in plan.todo]
     if rank == 0:
-        (run_dir).mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        _write_status(run_dir, state="running", stage=start)
+        for line in move_aside(plan.aside):
+            print(f"{cfg.run.name}: run.restart_stages: moved {line}", flush=True)
+        if plan.applied:
+            print(f"{cfg.run.name}: changed since the last start, applied: {'; '.join(plan.applied)}", flush=True)
+        _write_status(run_dir, state="starting", stages=names)
     wandb_id = _broadcast(wandb_id or (new_wandb_id() if rank == 0 else None))
     writer = MetricsWriter(run_dir, cfg.logging.wandb, cfg.run.name, OmegaConf.to_container(cfg, resolve=True),
                            wandb_id, enabled=rank == 0)
     flags.shield_checkpoint_writer()
-    code, state, error = 0, "finished", None
+    code, state, error, trace = 0, "finished", None, None
     try:
-        for stage in stages[start:]:
+        for k, index in enumerate(plan.todo):
+            stage = stages[index]
+            resume = plan.resume if k == 0 else None
             built = build(stage, cfg.validation)
-            previous = latest_checkpoint(stages[stage.index - 1].checkpoints) if stage.index and resume is None else None
+            previous = latest_checkpoint(stages[index - 1].checkpoints) if index and resume is None else None
             info = load_start(stage, built, resume=resume, previous=previous, init=cfg.init,
                               carry_optimizer=cfg.checkpoint.carry_optimizer)
+            if k == 0 and rank == 0:  # the start is accepted and set up: the run folder now describes it
+                (run_dir / f".{CONFIG}.tmp").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                os.replace(run_dir / f".{CONFIG}.tmp", run_dir / CONFIG)
+                _write_status(run_dir, state="running", stages=names)
             start_step = info.get("step", 0)
             how = f"resumed at step {start_step} from {resume}" if resume else \
                 f"from {previous}" if previous else \
@@ -151,32 +216,42 @@ def run(cfg, stages: list[Stage], flags) -> int:
             writer.print(f"{cfg.run.name} {stage.label}: {stage.steps} steps at {stage.seq_length} tokens, {how}")
             state_ = RunState(cfg, writer, flags, wandb_id, sum(s.steps for s in stages[:stage.index]),
                               flops_per_token(stage.model, stage.ttt, stage.seq_length))
-            resume = None
             if not train_stage(stage, built, state_, start_step):
                 code, state = EXIT_PREEMPTED, "preempted"
                 writer.print(f"{cfg.run.name}: saved and stopped ({flags.reason()}); rerun the same command to "
                              f"continue (exit code {EXIT_PREEMPTED})")
                 break
         else:
-            writer.print(f"{cfg.run.name}: finished all {len(stages)} stages; run folder {run_dir}")
-    except NonFiniteError as err:
-        code, state, error = EXIT_FAILED, "failed", str(err)
+            left = [stages[i].label for i in plan.remaining]
+            if left:
+                writer.print(f"{cfg.run.name}: finished {', '.join(stages[i].label for i in plan.todo)}; still to "
+                             f"train: {', '.join(left)} (rerun without run.stages, or name them); run folder {run_dir}")
+            else:
+                writer.print(f"{cfg.run.name}: finished all {len(stages)} stages; run folder {run_dir}")
+    except ConfigError as err:
+        code, state, error = EXIT_REFUSED, "refused", one_line(err)
+    except _expected_failures() as err:
+        code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
+    except KeyboardInterrupt:
+        code, state = EXIT_FAILED, "interrupted"
+        error = ("interrupted by SIGINT, which run.signals does not list: the steps since the last checkpoint are "
+                 "lost (add SIGINT to run.signals to save on Ctrl-C)")
+    except BaseException as err:  # a bug: its traceback follows; the status says so
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            _write_status(run_dir, state="failed", exit_code=EXIT_FAILED,
+                          error=f"unexpected {type(err).__name__}: {one_line(err)} (traceback on the console)")
+        raise
     finally:
         writer.close()
+    if error and rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
     if rank == 0:
-        _write_status(run_dir, state=state, exit_code=code, **({"error": error} if error else {}))
+        extra = {"error": error} if error else {}
+        if trace:
+            extra["traceback"] = trace
+        status = _finished_status(stages, plan) if state == "finished" else {"state": state, "exit_code": code}
+        _write_status(run_dir, **status, **extra)
     return code
-
-
-def _plan_start(stages: list[Stage]) -> tuple[int, Path | None, str | None] | str:
-    """(stage to run, checkpoint to resume, wandb id), or the error that prevents reading them."""
-    try:
-        start, resume = resume_point(stages)
-        return start, resume, _wandb_id(stages, start, resume) if start < len(stages) else None
-    except (OSError, ValueError, KeyError) as err:
-        return f"cannot resume from {stages[0].folder.parent}: {err}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(argv)
         world = _world_size(cfg)
         stages = resolve(cfg, world, check_files=not cfg.run.dry_run)
-        if cfg.init.hf and not cfg.run.dry_run:
-            from ttt_train.training.stage_setup import check_hf_init
+        chosen = selected(cfg, stages)
+        if not cfg.run.dry_run and _starts_from_init(cfg, stages, chosen):
+            from ttt_train.training.stage_setup import check_init
 
-            check_hf_init(cfg.init, stages[0].model)
+            check_init(cfg.init, stages[0])
     except ConfigError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
@@ -208,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, stages, flags)
     finally:
         flags.restore()
+
+
+def _starts_from_init(cfg, stages: list[Stage], chosen: list[int]) -> bool:
+    """Whether this launch may start stage 0 from `init` (it is chosen and nothing has trained yet, or
+    it is trained again): only then must init.hf / init.checkpoint exist and match the experiment."""
+    if chosen[0] != 0:
+        return False
+    return cfg.run.restart_stages or not any((s.checkpoints / "latest").is_file() for s in stages)
 
 
 if __name__ == "__main__":

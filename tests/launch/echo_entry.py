@@ -4,7 +4,7 @@ Prints one JSON line per worker: rank, world size, local rank, its arguments and
 the launch scripts set. ECHO_EXIT=N: exit with N once every worker has printed (the driver's ranks
 exit together after a collective save; torchrun stops the other workers at the first failure), with
 ECHO_BARRIER naming an empty folder for that rendezvous. ECHO_WAIT_SIGNAL=1: print "ready", wait up to
-60 s for SIGUSR1 or SIGTERM, print which one came, and exit 75 (as the driver does after saving).
+60 s for SIGUSR1, SIGTERM or SIGINT, print which one came, and exit 75 (as the driver does after saving).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> int:
                     "omp_num_threads": env.get("OMP_NUM_THREADS"), "wandb_mode": env.get("WANDB_MODE")}))
     if env.get("ECHO_WAIT_SIGNAL"):
         received = []
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
         say(f"ready {env['RANK']}")
         deadline = time.monotonic() + 60

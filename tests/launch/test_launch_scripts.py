@@ -50,9 +50,11 @@ def test_scripts_are_shellcheck_clean():
 
 
 @pytest.mark.slow
-def test_single_node_passes_overrides_and_forwards_signals():
-    """Two workers get the overrides unchanged; SIGUSR1 sent to the launcher alone (workers lead their
-    own sessions) reaches both, which exit 75, and the launcher exits 75 (torchrun itself says 1)."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_single_node_passes_overrides_and_forwards_signals(sig):
+    """Two workers get the overrides unchanged; SIGUSR1 (SLURM's warning) or SIGINT (Ctrl-C) sent to the
+    launcher alone (workers lead their own sessions) reaches both, which exit 75, and the launcher exits
+    75 (torchrun itself says 1) without reporting it as a failure."""
     proc = subprocess.Popen(["bash", str(LAUNCH / "single_node.sh"), "2", *OVERRIDES], cwd=ROOT,
                             env=_env(ECHO_WAIT_SIGNAL="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -63,13 +65,15 @@ def test_single_node_passes_overrides_and_forwards_signals():
             lines.append(line)
             if sum(x.startswith("ready") for x in lines) == 2:
                 break
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         watchdog.cancel()
         proc.kill()
     assert proc.returncode == 75, err
-    assert sorted(line for line in out.splitlines() if line.startswith("got")) == ["got SIGUSR1 0", "got SIGUSR1 1"]
+    assert sorted(line for line in out.splitlines() if line.startswith("got")) == [f"got {sig.name} 0",
+                                                                                    f"got {sig.name} 1"]
+    assert "failed" not in err and "Traceback" not in err, err
     workers = _workers("".join(lines))
     assert [w["rank"] for w in workers] == [0, 1] and {w["world_size"] for w in workers} == {2}
     assert all(w["argv"] == OVERRIDES for w in workers)
@@ -147,8 +151,12 @@ def test_slurm_does_not_requeue_otherwise(tmp_path, code):
     ([75, 1], 1),  # a crash is a crash
     ([-9], 1),
     ([1, 2], 1),
+    ([2, 2], 2),  # a refused configuration (every rank refuses)
+    ([2, -15], 2),
+    ([2, 75], 1),
 ])
 def test_launcher_exit_code(codes, expected):
+    """The launcher keeps the driver's 75 and 2; any other failure is 1."""
     import importlib.util
     from types import SimpleNamespace
 

@@ -1,5 +1,5 @@
-"""The curriculum: each stage of a composed config resolved into validated dataclasses, and where a
-(re)started run picks up.
+"""The curriculum: each stage of a composed config resolved into validated dataclasses (where a
+(re)started run picks up: `ttt_train.training.start`).
 
 A stage's effective config is the top-level sections with the stage's overrides merged on top
 (checked against each section's schema), its `seq_length`, and its rotary `yarn`. Steps come from
@@ -259,15 +259,12 @@ def _check_vocab(model: ModelConfig, data: DataConfig, where: str) -> None:
 
 
 def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
-    """Every stage of `cfg`, validated, plus the run-level checks (init, world size, names)."""
+    """Every stage of `cfg`, validated, plus the run-level checks (world size, names; stage 0's `init`
+    is held against the experiment when a launch starts from it: `stage_setup.check_init`)."""
     _need(len(cfg.stages) > 0, "stages: the experiment lists no stages; add at least one "
           "{name, tokens, seq_length, yarn} under stages:")
     init = cfg.init
-    _need(not (init.checkpoint and init.hf), "init: set init.checkpoint or init.hf, not both")
-    for key in ("checkpoint", "hf"):
-        path = init[key]
-        if path and check_files:
-            _need(os.path.isdir(path), f"init.{key}={path}: no such directory")
+    _need(not (init.checkpoint and init.hf), "init: set init.checkpoint or init.hf, not both (init.hf=null)")
     if cfg.run.world_size is not None:
         _need(cfg.run.world_size == world_size or not check_files,
               f"run.world_size={cfg.run.world_size} but the launch has {world_size} ranks; launch with "
@@ -287,18 +284,3 @@ def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
           "validation.num_batches and validation.position_buckets must be >= 1")
     _need(cfg.run.exit_after_minutes >= 0, "run.exit_after_minutes must be >= 0 (0: off)")
     return stages
-
-
-def resume_point(stages: list[Stage]) -> tuple[int, Path | None]:
-    """(stage to run, checkpoint to resume it from or None). The newest stage with a checkpoint is
-    resumed unless that checkpoint finished it; then the next stage starts (index len(stages): done).
-    Reads the file system only; call on one rank and broadcast."""
-    from ttt_train.training.checkpoint import latest_checkpoint, read_checkpoint_info
-
-    for stage in reversed(stages):
-        path = latest_checkpoint(stage.checkpoints)
-        if path is not None:
-            if read_checkpoint_info(path)["step"] >= stage.steps:
-                return stage.index + 1, None
-            return stage.index, path
-    return 0, None

@@ -104,7 +104,8 @@ def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Pat
 
     resume: this stage's own checkpoint (model, optimizer, schedule, RNG; the manifest must match).
     previous: the previous stage's final checkpoint (weights; its optimizer state too when
-    `carry_optimizer`, with this stage's own learning rates). Otherwise stage 0's `init`.
+    `carry_optimizer`, with this stage's own learning rates), refused if of another tokenizer.
+    Otherwise stage 0's `init` (held against the experiment beforehand: `check_init`).
     """
     from ttt_train.training.checkpoint import load_checkpoint, load_rank_state
     from ttt_train.training.schedule import keep_fresh_hyperparameters
@@ -114,12 +115,14 @@ def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Pat
         built.scheduler.load_state_dict(info["metadata"]["scheduler"])
         restore_rank_state(load_rank_state(resume))
         return info
-    if previous is not None:
+    if previous is not None:  # the same tokenizer (a stage may change rotary settings, layout, data)
+        same_tokens = {"tokenizer": built.manifest["tokenizer"]}
         if carry_optimizer:
-            keep_fresh_hyperparameters(built.optimizer, lambda: load_checkpoint(previous, built.chunks, built.optimizer))
+            keep_fresh_hyperparameters(built.optimizer, lambda: load_checkpoint(
+                previous, built.chunks, built.optimizer, expect_manifest=same_tokens))
             built.scheduler.step(0)  # this stage's step-0 lr from its own max_lr/min_lr
             return {}
-        load_checkpoint(previous, built.chunks)
+        load_checkpoint(previous, built.chunks, expect_manifest=same_tokens)
         return {}
     if init.checkpoint:
         load_checkpoint(init.checkpoint, built.chunks, strict=init.strict)
@@ -130,15 +133,85 @@ def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Pat
     return {}
 
 
-def check_hf_init(init, model_cfg) -> None:
-    """Refuse (ConfigError) an `init.hf` directory whose config does not match the model preset."""
-    from ttt_train.models.hf import config_mismatches, model_config_from_hf
+START_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "vocab_size", "rotary_base", "llama3_rope_factor", "yarn", "sliding_window",
+              "qk_layernorm", "tie_embeddings", "norm_eps")
+"""Model keys a start point (init.hf, init.checkpoint) must agree on with the experiment: the tensors'
+shapes and the function they compute (rotary base and scaling, YaRN, attention window, norms)."""
+
+
+def model_mismatches(model_cfg, source_cfg, source: str) -> list[str]:
+    """`model.KEY: <source> X, experiment Y` for each of `START_KEYS` that differs."""
+    out = []
+    for key in START_KEYS:
+        have, want = getattr(source_cfg, key), getattr(model_cfg, key)
+        if have != want:
+            shown = {"kv_channels": "head_dim"}.get(key, key)
+            out.append(f"model.{shown}: {source} {have!r}, experiment {want!r}")
+    return out
+
+
+def _check_hf_shards(folder: Path, where: str) -> None:
+    """Refuse a sharded HF folder whose index names safetensors files it lacks (before any rank loads)."""
+    import json
+
     from ttt_train.training.config import ConfigError
 
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError(f"{where}: {index.name} names {len(shards)} shards, {len(missing)} missing: "
+                              f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; complete the download")
+    elif not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{where}: no *.safetensors weights in the folder")
+
+
+def _tokenizer_files(folder: str) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def check_init(init, stage) -> None:
+    """Refuse (ConfigError naming the keys and the fix) an `init.hf` or `init.checkpoint` that does not
+    match stage 0: the model keys of `START_KEYS` (from config.json, or from the checkpoint's manifest)
+    and the tokenizer (the HF folder's own, or the manifest's) against the data's `data.tokenizer`."""
+    from ttt_train.data.tokenizer import load_tokenizer
+    from ttt_train.models.config import ModelConfig
+    from ttt_train.training.config import ConfigError
+
+    key, path = ("hf", init.hf) if init.hf else ("checkpoint", init.checkpoint)
+    if not path:
+        return
+    where = f"init.{key}={path}"
+    if not Path(path).is_dir():
+        raise ConfigError(f"{where}: no such directory")
     try:
-        differences = config_mismatches(model_cfg, model_config_from_hf(init.hf))
+        if key == "hf":
+            from ttt_train.models.hf import model_config_from_hf
+
+            source, tokens = model_config_from_hf(path), None
+            _check_hf_shards(Path(path), where)
+            if _tokenizer_files(path) and Path(path).resolve() != Path(stage.data.tokenizer).expanduser().resolve():
+                tokens = load_tokenizer(path).fingerprint
+        else:
+            from ttt_train.training.checkpoint import read_checkpoint_info
+
+            manifest = read_checkpoint_info(path)["manifest"]
+            if manifest is None or manifest.get("model") is None:
+                raise ConfigError(f"{where}: the checkpoint records no model configuration (manifest) to check "
+                                  f"against the experiment; save it with ttt-train's convert or driver")
+            source = ModelConfig.from_dict(manifest["model"])
+            tokens = (manifest.get("tokenizer") or {}).get("fingerprint")
     except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"init.hf={init.hf}: {err}") from err
+        raise ConfigError(f"{where}: {err}") from err
+    label = "config.json" if key == "hf" else "checkpoint"
+    differences = model_mismatches(stage.model, source, label)
     if differences:
-        raise ConfigError(f"init.hf={init.hf} does not match the model config: {'; '.join(differences)}; "
-                          f"choose the matching model= preset or override those model keys")
+        raise ConfigError(f"{where} does not match the experiment's model: {'; '.join(differences)}; choose the "
+                          f"matching model= preset or override those keys (stage overrides: {stage.label})")
+    data_tokenizer = load_tokenizer(stage.data.tokenizer, stage.data.eod_token)
+    if tokens is not None and not data_tokenizer.matches(tokens):
+        raise ConfigError(f"{where} was trained with another tokenizer than data.tokenizer={stage.data.tokenizer} "
+                          f"(fingerprints differ): tokenize the data with the model's tokenizer (set data.tokenizer "
+                          f"to it) or start from a model of that tokenizer")
