@@ -172,6 +172,27 @@ def nullable_parent(schema, parts: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
+def optional_dataclass_at(schema, parts: list[str]):
+    """The dataclass that `schema` types key `parts` with, when it is optional (`X | None`), else None."""
+    *parents, last = parts
+    cls, expect_index = schema, False
+    for part in parents:
+        if expect_index:
+            expect_index = False
+            continue
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        child = _child_schema(cls, part)
+        if child is None:
+            return None
+        kind, cls = child
+        expect_index = kind == "list"
+    if expect_index or not dataclasses.is_dataclass(cls) or last not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    annotation = typing.get_type_hints(cls)[last]
+    return _dataclass_in(annotation) if type(None) in _options(annotation) else None
+
+
 def check_schema(cfg, schema) -> None:
     """Refuse (ConfigError naming it and the closest known key) any key of composed config `cfg` that
     dataclass `schema` lacks."""

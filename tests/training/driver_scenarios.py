@@ -46,3 +46,31 @@ def run_driver(overrides: list[str]) -> int:
     from ttt_train import train
 
     return train.main(overrides)
+
+
+def run_driver_captured(overrides: list[str]) -> tuple[int, str]:
+    """(exit code, what the driver wrote to stderr)."""
+    import contextlib
+    import io
+
+    from ttt_train import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main(overrides)
+    return code, err.getvalue()
+
+
+def setup_raises(overrides: list[str], kind: str) -> tuple[int, str]:
+    """(exit code, stderr) of a run whose dataset set-up raises: kind "data" an expected DataError (bad
+    data), "bug" an unexpected TypeError (propagates)."""
+    from ttt_train.data import datasets
+    from ttt_train.data.errors import DataError
+
+    def broken(*args, **kwargs):
+        if kind == "data":
+            raise DataError("dataset 'x': a problem found while setting up\nwith a second line")
+        raise TypeError("a bug")
+
+    datasets.build_datasets = broken
+    return run_driver_captured(overrides)

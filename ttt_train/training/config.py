@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttt_train.config_compose import check_schema, explain, nullable_parent, one_line, parse, schema_lookup
+from ttt_train.config_compose import (
+    check_schema,
+    explain,
+    first_unknown,
+    nullable_parent,
+    one_line,
+    optional_dataclass_at,
+    parse,
+    schema_lookup,
+    unknown_key,
+)
 from ttt_train.config_keys import ConfigError
 from ttt_train.data.datasets import BlendEntry, DataConfig  # noqa: F401 - BlendEntry: DataSection's hints
 from ttt_train.layers.ttt_config import TTTConfig
@@ -344,6 +354,21 @@ def _items(parsed: list, removed: list) -> list[str]:
             for o in parsed if o not in removed]
 
 
+def _set_section(cfg, override) -> None:
+    """Apply `KEY={...}` for an optional config dataclass at KEY (e.g. a stage's `yarn`)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cls = optional_dataclass_at(TrainConfig, override.key_or_group.split("."))
+    current = OmegaConf.select(cfg, override.key_or_group)
+    try:  # merged into the current value, as Hydra does, or into the defaults when it is null
+        node = OmegaConf.merge(current if current is not None else OmegaConf.structured(cls), override.value())
+        OmegaConf.update(cfg, override.key_or_group, node, merge=False)
+    except (OmegaConfBaseException, ValueError) as err:
+        found = first_unknown(override.value(), cls, tuple(override.key_or_group.split(".")))
+        raise (unknown_key(*found) if found else ConfigError(f"{override.input_line}: {one_line(err)}")) from None
+
+
 def _remove_stages(cfg, references: list[str]) -> None:
     """Delete the stages named by index or name in `references` (the `~stages.K` overrides)."""
     names = [s.name for s in cfg.stages]
@@ -365,7 +390,11 @@ def compose(overrides: list[str]):
     is_removal = lambda o: o.is_delete() and _STAGE.fullmatch(o.key_or_group)  # noqa: E731
     parsed = _by_index(parsed, [o for o in parsed if is_removal(o)])
     removed = [o for o in parsed if is_removal(o)]
-    items = _items(parsed, removed)
+    # OmegaConf 2.3 cannot merge a mapping into a null optional section (e.g. `stages.0.yarn={...}` when the
+    # experiment has yarn: null): such overrides are applied after composing
+    whole = [o for o in parsed if not o.is_delete() and isinstance(o.value(), dict)
+             and optional_dataclass_at(TrainConfig, o.key_or_group.split("."))]
+    items = _items([o for o in parsed if o not in whole], removed)
     try:
         cfg = _composed(parsed, items)
     except ConfigError as err:
@@ -373,6 +402,8 @@ def compose(overrides: list[str]):
     experiment = cfg.hydra.runtime.choices.get("experiment")
     with open_dict(cfg):
         del cfg["hydra"]
+    for o in whole:
+        _set_section(cfg, o)
     if removed:
         _remove_stages(cfg, [_STAGE.fullmatch(o.key_or_group).group(1) for o in removed])
     try:

@@ -250,10 +250,19 @@ def resolve_stage(cfg, index: int, world_size: int, *, check_files: bool = True)
 
 
 def _check_vocab(model: ModelConfig, data: DataConfig, where: str) -> None:
+    """The tokenizer loads, fits the model's vocabulary and is the one each dataset's sidecar names
+    (its fingerprint; the sidecar's file sizes match the files): before any rank sets up."""
+    from ttt_train.data.indexed import check_fingerprint, read_sidecar
     from ttt_train.data.tokenizer import check_model_vocab, load_tokenizer
 
     try:
-        check_model_vocab(model.vocab_size, load_tokenizer(data.tokenizer, data.eod_token))
+        tokenizer = load_tokenizer(data.tokenizer, data.eod_token)
+        check_model_vocab(model.vocab_size, tokenizer)
+        for i, entry in enumerate(data.blend):
+            try:
+                check_fingerprint(entry.path, read_sidecar(entry.path), tokenizer)
+            except ValueError as err:
+                raise ValueError(f"data.blend[{i}]: {err}") from None
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{where}: {err}") from err
 
