@@ -1,6 +1,8 @@
 """The driver's configuration: every refusal names the key and a fix, before any compute; the dry-run
 plan; the paper experiments compose and resolve at their planned size."""
 
+from pathlib import Path
+
 import pytest
 
 from tests.training import driver_helpers as h
@@ -130,3 +132,46 @@ def test_experiments_resolve_at_their_planned_size(experiment):
             assert yarn is None and stages[1].model.llama3_rope_factor == 8.0
         else:
             assert (yarn.factor, yarn.original_max_position_embeddings) == (4.0, 32768)
+
+
+SHIPPED = sorted(p.stem for p in (h.ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def _squash(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+@pytest.mark.parametrize("experiment", SHIPPED)
+def test_shipped_experiments_agree_on_model_tokenizer_and_data(experiment):
+    """The base model the experiment starts from is the model preset it builds, and every stage's data is
+    read with that model's own tokenizer (a continual run on another tokenizer's ids trains on garbage);
+    a local tokenizer fits the model's vocabulary."""
+    from ttt_train.data.tokenizer import check_model_vocab, load_tokenizer
+    from ttt_train.training.config import compose
+    from ttt_train.training.curriculum import resolve
+
+    cfg = compose([f"experiment={experiment}"])
+    stages = resolve(cfg, cfg.run.world_size or 1, check_files=False)
+    tokenizers = {s.name: (s.data.tokenizer if s.data else cfg.stages[s.index].data.get("tokenizer", cfg.data.tokenizer))
+                  for s in stages}
+    assert len(set(tokenizers.values())) == 1, tokenizers
+    (tokenizer,) = set(tokenizers.values())
+    if cfg.init.hf:
+        assert _squash(Path(cfg.init.hf).name).startswith(_squash(cfg.model.name)), (cfg.init.hf, cfg.model.name)
+        assert tokenizer == cfg.init.hf, f"{experiment}: data.tokenizer={tokenizer}, but the model is {cfg.init.hf}"
+    if tokenizer == "byte":
+        check_model_vocab(cfg.model.vocab_size, load_tokenizer(tokenizer))
+
+
+def test_readme_tokenizes_with_its_experiments_tokenizer():
+    """README step 1 tokenizes with the tokenizer the experiments of its training commands read."""
+    import re
+    import shlex
+
+    from ttt_train.training.config import compose
+
+    text = (h.ROOT / "README.md").read_text()
+    tokenizers = {shlex.split(m)[0] for m in re.findall(r"python -m data_tools\.(?:tokenize|mixture) .*--tokenizer (\S+)", text)}
+    experiments = set(re.findall(r"experiment=(\w+)", text)) & set(SHIPPED)
+    assert tokenizers and experiments
+    assert {compose([f"experiment={e}"]).data.tokenizer for e in experiments if e.startswith("qwen3_4b")} == tokenizers
