@@ -27,10 +27,7 @@ def readme_commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
             if line and not line.startswith("#"):
-                words = shlex.split(line)
-                while re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
-                    words = words[1:]
-                commands.append(words)
+                commands.append(shlex.split(line))
     return commands
 
 
@@ -38,12 +35,14 @@ def hydra_args(words: list[str]) -> list[str]:
     return [w for w in words if "=" in w and not w.startswith("-")]
 
 
-def check_train(overrides: list[str], world: int) -> None:
+def check_train(overrides: list[str], world: int | None) -> None:
     from ttt_train.training.config import compose
     from ttt_train.training.curriculum import resolve
 
     cfg = compose(overrides)
-    stages = resolve(cfg, cfg.run.world_size or world, check_files=False)
+    if world is not None:  # a launch: the driver refuses a run.world_size of another size
+        assert cfg.run.world_size in (None, world), f"run.world_size={cfg.run.world_size}, {world} ranks: {overrides}"
+    stages = resolve(cfg, cfg.run.world_size or world or 1, check_files=False)
     assert stages, overrides
 
 
@@ -61,7 +60,7 @@ def check_torchrun(words: list[str]) -> None:
 
 def check_python_module(module: str, args: list[str]) -> None:
     if module == "ttt_train.train":
-        check_train(args, 1)
+        check_train(args, None)
     elif module == "ttt_train.convert":
         from ttt_train.convert import compose, to_overrides
 
@@ -132,6 +131,10 @@ def check_offline_pip(words: list[str]) -> None:
 
 
 def check(words: list[str], monkeypatch) -> None:
+    env = {}
+    while re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+        key, value = words[0].split("=", 1)
+        env[key], words = value, words[1:]
     program = words[0]
     if program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
@@ -152,7 +155,9 @@ def check(words: list[str], monkeypatch) -> None:
         script = next(w for w in words if w.startswith("launch/"))
         assert (ROOT / script).is_file(), script
         after = words[words.index(script) + 1:]
-        nproc = int(after[0]) if after and after[0].isdigit() else 8
+        nodes = next((int(w.split("=")[1]) for w in words if w.startswith("--nodes=")), None)
+        per_node = int(env.get("GPUS_PER_NODE", 8))
+        nproc = int(after[0]) if after and after[0].isdigit() else per_node * (nodes or int(env.get("NNODES", 1)))
         check_train(hydra_args(after), nproc)
     elif program == "lm_eval":
         check_lm_eval(words, monkeypatch)
@@ -168,7 +173,7 @@ def test_readme_has_the_main_commands():
     for expected in ("make demo", "make test", "python -m ttt_train.convert", "python -m ttt_train.eval",
                      "python -m ttt_train.bench"):
         assert any(p.startswith(expected) for p in programs), expected
-    assert any(w[0] == "lm_eval" for w in COMMANDS) and any(w[0] == "torchrun" for w in COMMANDS)
+    assert any(w[0] == "lm_eval" for w in COMMANDS) and any(w[0] == "sbatch" for w in COMMANDS)
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(w)[:70] for w in COMMANDS])

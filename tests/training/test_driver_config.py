@@ -175,3 +175,26 @@ def test_readme_tokenizes_with_its_experiments_tokenizer():
     experiments = set(re.findall(r"experiment=(\w+)", text)) & set(SHIPPED)
     assert tokenizers and experiments
     assert {compose([f"experiment={e}"]).data.tokenizer for e in experiments if e.startswith("qwen3_4b")} == tokenizers
+
+
+def test_stages_left_out_need_neither_this_allocation_nor_their_data(base):
+    from ttt_train.training.config import compose
+    from ttt_train.training.curriculum import resolve
+
+    cfg = compose(["experiment=qwen3_4b_ttt", "run.world_size=8", "run.stages=[ctx32k]"])
+    stages = resolve(cfg, 8, check_files=False)  # stage 2 needs tp 4 x cp 16 = 64 ranks
+    assert [(s.dp, s.parallel.cp) for s in stages] == [(2, 2), (1, 16)]
+    cfg = compose(base + ["run.stages=[0]", "stages.1.data.blend=[{path:/not/built/yet,weight:1.0}]"])
+    stages = resolve(cfg, 2)
+    assert stages[0].data is not None and stages[1].missing == ["stages.1.data.blend[0].path: /not/built/yet.bin not found",
+                                                                 "stages.1.data.blend[0].path: /not/built/yet.idx not found"]
+
+
+def test_any_length_at_cp1_whole_chunks_per_shard_at_cp2(base):
+    """The op takes a shorter last chunk, so at cp 1 any seq_length trains; with cp > 1 each of the 2*cp
+    load-balanced shards must hold whole chunks (the refusal is in test_refusals_name_the_key_and_a_fix)."""
+    from ttt_train.training.config import compose
+    from ttt_train.training.curriculum import resolve
+
+    stages = resolve(compose(base + ["stages.0.seq_length=250"]), 2)  # 250 = 3 chunks of 64 + 58
+    assert stages[0].seq_length == 250 and stages[0].parallel.cp == 1 and stages[0].ttt.chunk_size == 64

@@ -177,10 +177,12 @@ def _check_data_files(values: dict, where: str) -> list[str]:
     return missing
 
 
-def resolve_stage(cfg, index: int, world_size: int, *, check_files: bool = True) -> Stage:
+def resolve_stage(cfg, index: int, world_size: int | None, *, check_files: bool = True) -> Stage:
     """Stage `index` of composed config `cfg`, validated (ConfigError on any problem).
 
     check_files=False (dry run) records missing data files in `Stage.missing` instead of refusing.
+    world_size None: the stage is not trained by this launch; its layout is checked on its own
+    (tp * pp * cp ranks, dp 1).
     """
     st = cfg.stages[index]
     where = f"stages.{index}"
@@ -207,7 +209,7 @@ def resolve_stage(cfg, index: int, world_size: int, *, check_files: bool = True)
           f"{where}.ttt.lr_warmup: steps must be >= 0 and start > 0 (got {lr_warmup.steps}, {lr_warmup.start})")
     parallel = _build(ParallelConfig, values["parallel"], "parallel", where)
     try:
-        dp = parallel.validate(world_size)
+        dp = parallel.validate(world_size or parallel.tp * parallel.pp * parallel.cp)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from err
     ddp = _build(DDPConfig, values["ddp"], "ddp", where)
@@ -269,7 +271,8 @@ def _check_vocab(model: ModelConfig, data: DataConfig, where: str) -> None:
 
 def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
     """Every stage of `cfg`, validated, plus the run-level checks (world size, names; stage 0's `init`
-    is held against the experiment when a launch starts from it: `stage_setup.check_init`)."""
+    is held against the experiment when a launch starts from it: `stage_setup.check_init`). Stages that
+    `run.stages` leaves out are checked without this launch's world size and data files."""
     _need(len(cfg.stages) > 0, "stages: the experiment lists no stages; add at least one "
           "{name, tokens, seq_length, yarn} under stages:")
     init = cfg.init
@@ -278,7 +281,11 @@ def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
         _need(cfg.run.world_size == world_size or not check_files,
               f"run.world_size={cfg.run.world_size} but the launch has {world_size} ranks; launch with "
               f"{cfg.run.world_size} ranks or set run.world_size={world_size} (or null)")
-    stages = [resolve_stage(cfg, i, world_size, check_files=check_files) for i in range(len(cfg.stages))]
+    from ttt_train.training.start import selected
+
+    chosen = selected(cfg)  # stages not trained by this launch may need another allocation and their data later
+    stages = [resolve_stage(cfg, i, world_size if i in chosen else None, check_files=check_files and i in chosen)
+              for i in range(len(cfg.stages))]
     names = [s.name for s in stages]
     _need(len(set(names)) == len(names), f"stages: names {names} repeat; give each stage its own name")
     for key, minimum in (("every_steps", 0), ("every_minutes", 0), ("keep_last", 1)):

@@ -53,11 +53,11 @@ class StartPlan:
     done: str = ""
 
 
-def selected(cfg, stages) -> list[int]:
+def selected(cfg, stages=None) -> list[int]:
     """Indices of the stages `run.stages` names (all when null), increasing; ConfigError otherwise."""
+    names = [s.name for s in (stages if stages is not None else cfg.stages)]
     if cfg.run.stages is None:
-        return list(range(len(stages)))
-    names = [s.name for s in stages]
+        return list(range(len(names)))
     chosen = [stage_index(ref, names, f"run.stages={list(cfg.run.stages)}") for ref in cfg.run.stages]
     if not chosen or len(set(chosen)) != len(chosen) or chosen != sorted(chosen):
         raise ConfigError(f"run.stages={list(cfg.run.stages)}: name each stage once, in curriculum order "
