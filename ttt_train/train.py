@@ -1,15 +1,18 @@
 """Train an experiment through its curriculum: `python -m ttt_train.train experiment=NAME [key=value ...]`.
 
-The same command under `torchrun --nproc-per-node N -m ttt_train.train ...` runs on N ranks. Every
-option is a Hydra override of `configs/train.yaml` (e.g. `stages.1.seq_length=65536`,
-`optimizer.lr=1e-5`, `stages.1.parallel.tp=2`); `run.dry_run=true` prints the plan (resolved
-config, layouts, steps and tokens per stage, memory per rank) without compute.
+The same command under the launch scripts (`launch/single_node.sh N ...`, `multi_node.sh`,
+`slurm.sbatch`) runs on N ranks. Every option is a Hydra override of `configs/train.yaml` (e.g.
+`stages.1.seq_length=65536`, `optimizer.lr=1e-5`, `stages.1.parallel.tp=2`); a key the config lacks is
+refused, `+` or not. `run.dry_run=true` prints the plan (resolved config, layouts, steps and tokens per
+stage, memory per rank, and what a launch in the run folder would do) without compute.
 
-The run folder (`run.dir`, default `runs/<experiment>`) holds `config.yaml`, `metrics.jsonl`,
-`status.json`, `wandb/` and `stages/<k>_<name>/checkpoints/`. Rerunning the same command resumes
-where the run stopped; a finished run says so. Exit codes: 0 done, 75 saved and stopped early
-(preemption signal or run.exit_after_minutes: rerun to continue), 2 refused configuration,
-1 failure (e.g. too many non-finite steps).
+The run folder (`run.dir`, default `runs/<experiment>`) holds `config.yaml` (the config of the last
+accepted start), `metrics.jsonl`, `status.json` (the last outcome), `wandb/` and
+`stages/<k>_<name>/checkpoints/`. Rerunning the same command resumes where the run stopped, holding
+the command against the run (`ttt_train.training.start`); a finished run says so. `run.stages=[...]`
+trains chosen stages alone, `run.restart_stages=true` trains them again. Exit codes: 0 done, 75 saved
+and stopped early (preemption signal, Ctrl-C or run.exit_after_minutes: rerun to continue), 2 refused
+(one line naming the key), 1 failed (one line; a bug shows its traceback).
 """
 
 from __future__ import annotations
