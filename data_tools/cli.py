@@ -24,13 +24,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description and epilog as written; each option's help ends with its default (unless it has
+    none to show: required, off or unset, or the help says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.required or action.default in (None, False) \
+                or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def doc_parser(prog: str, doc: str) -> Parser:
     """An argument parser whose description is the first paragraph of a module docstring and whose
-    epilog (usage examples, notes) is the rest, printed as written."""
+    epilog (usage examples, notes) is the rest, printed as written; option defaults are shown."""
     first, _, rest = doc.partition("\n\n")
-    return Parser(
-        prog=prog, description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    return Parser(prog=prog, description=first, epilog=rest, formatter_class=HelpFormatter)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None, prog: str) -> int:

@@ -17,7 +17,9 @@ boundaries survive packing (the TTT fast weights reset at them). Sequences are w
 random order, so megatron's train/valid/test split draws from the whole mixture. Writes
 OUTPUT_PREFIX.bin/.idx and OUTPUT_PREFIX.meta.json describing the blend, atomically; existing
 outputs are replaced only with --force, and never a source. A mixture with no sequence fails with
-the counts of what was left out, writing nothing.
+the counts of what was left out, writing nothing (exit code 1). One where most sequences are short
+of a multiple of --seq-length (their samples would start inside other sequences) is refused (exit
+code 2, nothing written) unless --allow-partial.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tokenizer that built the sources (default: the one their .meta.json names)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing output (never a source)")
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="write the mixture even when most sequences are short of a multiple of --seq-length",
+    )
     args = parser.parse_args(argv)
     try:
         args.source = [(prefix, float(weight)) for prefix, weight in args.source]
@@ -233,6 +240,16 @@ def _main(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 1
+    if plan.partial_units * 2 > len(plan.units) and not args.allow_partial:
+        print(
+            f"{PROG}: error: {plan.partial_units} of {len(plan.units)} sequences "
+            f"({plan.partial_units / len(plan.units):.0%}) are short of a multiple of --seq-length {args.seq_length} "
+            f"({'--short drop' if args.short == 'drop' else 'the short documents ran out'}), so most training samples "
+            f"would start inside another sequence; nothing was written. Pack more short data (--short pack, "
+            f"another --source), lower --seq-length or --min-length, or pass --allow-partial to write it anyway",
+            file=sys.stderr,
+        )
+        return cli.USAGE_ERROR
 
     def documents():
         for unit in tqdm(plan.units, desc="mixture", unit="seq", file=sys.stderr, dynamic_ncols=True):

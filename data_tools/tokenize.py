@@ -392,6 +392,8 @@ def _print_summary(
     docs, tokens = total["documents"], total["tokens"]
     lines = [
         f"wrote {prefix}.bin/.idx ({meta['dtype']}) and {prefix}.meta.json",
+        f"  tokenizer: {meta['tokenizer']} (vocab {meta['vocab_size']}, EOD id {meta['eod_id']}, "
+        f"fingerprint {meta['tokenizer_fingerprint'][:12]}): train with data.tokenizer={meta['tokenizer']}",
         f"  files: {len(meta['inputs'])}  records: {total['records']}  documents: {docs}  tokens: {tokens}"
         + (f"  mean length: {tokens / docs:.1f}" if docs else ""),
         f"  pieces: {counts['pieces']} ({counts['reused']} reused from an interrupted run, "

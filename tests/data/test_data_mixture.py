@@ -188,3 +188,19 @@ def test_mixture_without_sequences_fails_and_writes_nothing(sources, tmp_path, c
     assert mixture.main([*common, "--seq-length", "64", "--short", "drop"]) == 2
     assert "has no documents to draw (none of at least --min-length 200 tokens)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_mixture_of_mostly_partial_sequences_is_refused_unless_allowed(sources, tmp_path, capsys):
+    """Long documents without enough short ones to fill their sequences: most samples would start
+    inside another sequence. Refused (nothing written) unless --allow-partial."""
+    root, _ = sources
+    out = tmp_path / "m"
+    args = ["--source", str(root / "long"), "1", "--seq-length", str(SEQ), "--min-length", str(MIN),
+            "--short", "drop", "--output-prefix", str(out)]
+    assert mixture.main(args) == 2
+    err = capsys.readouterr().err
+    assert "11 of 12 sequences (92%) are short of a multiple of --seq-length 128 (--short drop)" in err
+    assert err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+    assert mixture.main([*args, "--allow-partial"]) == 0
+    assert indexed.read_sidecar(str(out))["partial_sequences"] == 11

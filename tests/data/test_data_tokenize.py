@@ -55,6 +55,8 @@ def test_help_runs_as_a_module():
         check=True,
     )
     assert "--output-prefix" in out.stdout and "--resume" in out.stdout
+    text = " ".join(out.stdout.split())
+    assert "(default: byte)" in text and "tokenizer processes (default: 1)" in text  # the defaults are shown
 
 
 def test_round_trip_text_to_dataset_to_text(corpus, tmp_path, byte_tokenizer, capsys):
@@ -64,7 +66,10 @@ def test_round_trip_text_to_dataset_to_text(corpus, tmp_path, byte_tokenizer, ca
     meta = indexed.read_sidecar(str(tmp_path / "out"))
     assert meta["documents"] == 60 and meta["skipped"] == {} and meta["dtype"] == "uint16"
     assert meta["tokens"] == sum(len(t.encode()) + 1 for t in texts)
-    assert "documents: 60" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "documents: 60" in out
+    assert f"  tokenizer: byte (vocab 258, EOD id 256, fingerprint {byte_tokenizer.fingerprint[:12]}): train with " \
+           f"data.tokenizer=byte" in out
     assert not (tmp_path / "out.pieces").exists()
 
 
