@@ -127,7 +127,7 @@ def summarise(metrics: dict[str, dict], recall: list[dict], position: list[dict]
         for name, m in stages.items():
             loss = m["val_loss"] if m["val_loss"] is not None else m["train_loss"]
             row[f"{name} loss{'' if m['val_loss'] is not None else ' (train)'}"] = _fmt(loss, 3)
-        mine = [r for r in recall if r["model"] == label]
+        mine = [r for r in recall if r["model"] == label and r["average"] != ""]  # "" : not evaluated
         for r in mine:
             row[f"recall@{r['length']}"] = f"{float(r['average']):.0f}%"
         for name, m in stages.items():

@@ -189,3 +189,25 @@ def test_command_line(tmp_path, ttt_dir, monkeypatch, capsys):
         assert main([f"models=[{ttt_dir}]", typo, f"out={out}"]) == 2
         err = capsys.readouterr().err
         assert message in err and "+sammples" not in err and err.count("\n") == 1, err
+
+
+def test_lengths_beyond_a_models_context_are_marked_in_the_table(tmp_path, plain_dir, monkeypatch):
+    """A length beyond a model's context (4096 here) is a table row saying so: skipped, or with
+    extrapolate=true evaluated and marked; the same for sliding_ppl's context + block."""
+    monkeypatch.setattr(ruler_suite, "greedy_generate", lambda model, tokenizer, prompts, n: [""] * len(prompts))
+    monkeypatch.setattr(report, "_plot", lambda *args, **kwargs: None)
+    common = [f"models=[{plain_dir}]", "labels=[plain]", "lengths=[512,5000]", "samples=1", "suite.tasks=[vt]",
+              *SMALL_RULER]
+    rows = run([*common, f"out={tmp_path / 'a'}"])
+    assert [(r["length"], r["note"]) for r in rows] == [
+        (512, ""), (5000, "not evaluated: beyond its context 4096 (extrapolate=true evaluates it)")]
+    table = list(csv.DictReader((tmp_path / "a" / "ruler_scores.csv").open()))
+    assert table[1]["note"].startswith("not evaluated") and table[1]["vt"] == ""
+    rows = run([*common, f"out={tmp_path / 'b'}", "extrapolate=true"])
+    assert [(r["length"], r["note"], r["samples"]) for r in rows] == [(512, "", 1), (5000, "beyond its context 4096", 1)]
+
+    rows = [{"model": "m", "context": 0, "perplexity": 9.0}, {"model": "m", "context": 1024, "perplexity": 7.0}]
+    marked = report.beyond_context(rows, "context", {"m": [0, 1024, 4096]}, {"m": 4096}, lambda n, c: n + 512 <= c,
+                                   "not evaluated: context + block 512 beyond its context {context}")
+    assert [(r["context"], r["perplexity"], r["note"]) for r in marked] == [
+        (0, 9.0, ""), (1024, 7.0, ""), (4096, "", "not evaluated: context + block 512 beyond its context 4096")]

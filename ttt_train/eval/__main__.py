@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs" / "eval")
 EXIT_REFUSED = 2
 
 

@@ -66,8 +66,29 @@ def _plot(path: Path, panels: dict[str, dict[str, list[tuple[float, float]]]], x
     _atomic_write(path, buffer.getvalue())
 
 
-def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: Path) -> list[dict]:
-    """ruler_scores.csv / .png: mean RULER-style score x100 per model, length and task, and the task average."""
+def beyond_context(rows: list[dict], key: str, requested: dict[str, list[int]], contexts: dict[str, int],
+                   fits, skipped_note: str) -> list[dict]:
+    """`rows` (each with `model` and `key`) with a `note` column: "beyond its context N" where
+    `fits(length, N)` is false, and a row `skipped_note` for each length in `requested[model]` that has
+    none (not evaluated: beyond the model's context)."""
+    columns = list(rows[0]) if rows else ["model", key]
+    out = []
+    for model in dict.fromkeys([*requested, *(r["model"] for r in rows)]):
+        context = contexts.get(model)
+        mine = {r[key]: r for r in rows if r["model"] == model}
+        for length in sorted({*mine, *(n for n in requested.get(model, []) if not fits(n, context))}):
+            if length in mine:
+                note = "" if context is None or fits(length, context) else f"beyond its context {context}"
+                out.append({**mine[length], "note": note})
+            else:
+                blank = {c: "" for c in columns}
+                out.append({**blank, "model": model, key: length, "note": skipped_note.format(context=context)})
+    return out
+
+
+def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: Path, annotate=None) -> list[dict]:
+    """ruler_scores.csv / .png: mean RULER-style score x100 per model, length and task, and the task average.
+    `annotate(rows)`: rows as tabled (e.g. `beyond_context` notes)."""
     scores = defaultdict(list)
     for r in records:
         scores[r["model"], r["length"], r["task"]].append(r["score"])
@@ -85,6 +106,7 @@ def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: 
             row["samples"] = sum(len(scores.get((model, length, t), [])) for t in tasks)
             panels["average over tasks"][model].append((length, row["average"]))
             rows.append(row)
+    rows = annotate(rows) if annotate else rows
     write_csv(out / "ruler_scores.csv", rows)
     if rows:
         _plot(out / "ruler_scores.png", dict(panels), "length (tokens)", "RULER-style score (x100)", log2_x=True,
@@ -92,8 +114,9 @@ def ruler_report(records: list[dict], models: list[str], tasks: list[str], out: 
     return rows
 
 
-def sliding_ppl_report(records: list[dict], models: list[str], out: Path) -> list[dict]:
-    """sliding_ppl.csv / perplexity_vs_context.png (final block) and loss_by_position.csv / .png."""
+def sliding_ppl_report(records: list[dict], models: list[str], out: Path, annotate=None) -> list[dict]:
+    """sliding_ppl.csv / perplexity_vs_context.png (final block) and loss_by_position.csv / .png.
+    `annotate(rows)`: the final-block rows as tabled (e.g. `beyond_context` notes)."""
     block = defaultdict(lambda: [0.0, 0, 0])
     position = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     for r in records:
@@ -119,6 +142,7 @@ def sliding_ppl_report(records: list[dict], models: list[str], out: Path) -> lis
             if tokens:
                 pos_rows.append({"model": model, "position_start": a, "position_end": b, "loss": loss / tokens})
                 pos_lines.setdefault(model, []).append(((a + b) / 2, loss / tokens))
+    rows = annotate(rows) if annotate else rows
     write_csv(out / "sliding_ppl.csv", rows)
     write_csv(out / "loss_by_position.csv", pos_rows)
     if ppl_lines:

@@ -10,7 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 from ttt_train.eval import recall, ruler_suite, sliding_ppl
 from ttt_train.eval.config import check_config, result_settings
 from ttt_train.eval.models import resolve_device, resolve_models
-from ttt_train.eval.report import format_table, recall_report, ruler_report, sliding_ppl_report
+from ttt_train.eval.report import (
+    beyond_context,
+    format_table,
+    recall_report,
+    ruler_report,
+    sliding_ppl_report,
+)
 from ttt_train.eval.results import ResultsFile, check_settings
 
 
@@ -48,15 +54,22 @@ def evaluate(cfg: DictConfig | dict) -> list[dict]:
                   for e in entries}
         records = [r for r in records if r["length"] in wanted[r["model"]] and r["index"] < cfg["samples"]
                    and r["task"] in cfg["suite"]["tasks"]]
-        rows = ruler_report(records, list(labels.values()), cfg["suite"]["tasks"], out)
+        requested = {e.label: list(cfg["lengths"] or []) for e in entries}
+        rows = ruler_report(records, list(labels.values()), cfg["suite"]["tasks"], out, annotate=lambda rows: beyond_context(
+            rows, "length", requested, contexts, lambda n, c: n <= c,
+            "not evaluated: beyond its context {context} (extrapolate=true evaluates it)"))
         title = "RULER-style score (x100; offline, not official RULER numbers) by model and length"
     elif suite == "recall":
         records = [r for r in records if r["index"] < cfg["samples"]]
         rows = recall_report(records, list(labels.values()), out)
         title = f"teacher-forced recall on {cfg['suite']['records']} (loss in nats per token)"
     else:
-        rows = sliding_ppl_report(records, list(labels.values()), out)
-        title = f"final-block ({cfg['suite']['block']} tokens) perplexity by preceding context"
+        block = cfg["suite"]["block"]
+        requested = {e.label: list(cfg["lengths"] or []) for e in entries}
+        rows = sliding_ppl_report(records, list(labels.values()), out, annotate=lambda rows: beyond_context(
+            rows, "context", requested, contexts, lambda n, c: n + block <= c,
+            f"not evaluated: context + block {block} beyond its context {{context}}"))
+        title = f"final-block ({block} tokens) perplexity by preceding context"
     print(f"\n{title}\n{format_table(rows)}\n")
     print(f"results: {out / 'results.jsonl'}; tables and plots: {out}/*.csv, {out}/*.png")
     return rows
