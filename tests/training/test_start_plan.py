@@ -20,14 +20,14 @@ def data(tmp_path_factory):
     return h.make_data(tmp_path_factory.mktemp("driver_data"))
 
 
-def stand_in_checkpoint(stage, step: int) -> None:
+def stand_in_checkpoint(stage, step: int, manifest: dict | None = None) -> None:
     """A checkpoint folder `latest_checkpoint` accepts (the files it looks for; no tensors)."""
     path = stage.checkpoints / checkpoint_name(step)
     path.mkdir(parents=True)
     for name in ("metadata.json", ".metadata", "common.pt"):
         (path / name).write_text("")
-    (path / META).write_text(json.dumps({"format": 2, "step": step, "metadata": {"wandb_id": "w"}, "manifest": None,
-                                         "world_size": 2, "rank_states": False}))
+    (path / META).write_text(json.dumps({"format": 2, "step": step, "metadata": {"wandb_id": "w"},
+                                         "manifest": manifest, "world_size": 2, "rank_states": False}))
     (stage.checkpoints / "latest").write_text(path.name + "\n")
 
 
@@ -154,3 +154,28 @@ def test_a_renamed_stage_is_refused(run):
     stages = run.start(progress=[(0, 2)])
     with pytest.raises(ConfigError, match=f"{stages[0].folder}.*a stage was renamed or removed"):
         run.plan("stages.0.name=warmup")
+
+
+def test_data_moved_to_another_path_is_no_change(run, data, tmp_path):
+    """The same dataset files at another path (the checkpoint's data fingerprint still matches) resume;
+    another seed (other samples) is refused."""
+    import shutil
+
+    from ttt_train.data.datasets import dataset_fingerprint
+    from ttt_train.data.tokenizer import load_tokenizer
+    from ttt_train.training.checkpoint import build_manifest
+
+    stages = run.start()
+    s0 = stages[0]
+    manifest = build_manifest(s0.model, s0.ttt, s0.parallel, tokenizer=load_tokenizer("byte"),
+                              data_fingerprint=dataset_fingerprint(s0.data))
+    stand_in_checkpoint(s0, 2, manifest)
+    moved = tmp_path / "moved" / "short"
+    moved.parent.mkdir()
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(data["short"] + suffix, str(moved) + suffix)
+    plan = run.plan(f"data.blend=[{{path:'{moved}',weight:1.0}}]", f"stages.1.data.blend=[{{path:'{data['long']}',weight:1.0}}]")
+    assert plan.todo == [0, 1] and plan.resume is not None
+    assert any("name the same samples and tokenizer as the checkpoint's fingerprints" in line for line in plan.applied)
+    with pytest.raises(ConfigError, match="data.seed: 1234 -> 7"):
+        run.plan(f"data.blend=[{{path:'{moved}',weight:1.0}}]", "data.seed=7")

@@ -10,7 +10,8 @@ with: its model, TTT, data, optimizer, schedule, tokens, sequence length and bat
 (its learning-rate schedule is built from tokens and batch; its samples from the data). A change to
 one of them is refused, naming the key, with the two ways to get it: train the stage again
 (`run.stages=[K] run.restart_stages=true`) or start a new run from its latest checkpoint
-(`run.dir=NEW init.checkpoint=...`). The keys of `APPLIED_ON_RESUME` change how the run is observed,
+(`run.dir=NEW init.checkpoint=...`). Data moved to other paths is no change: `data.blend`, `split`,
+`seed` and `tokenizer` are applied when the checkpoint's data and tokenizer fingerprints still match. The keys of `APPLIED_ON_RESUME` change how the run is observed,
 saved or laid out, not what it computes: their changes are applied (and listed). A stage that has not
 started takes any change.
 """
@@ -155,6 +156,32 @@ def _changed(old: dict, new: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, unset) != b.get(k, unset) and k != "run.dry_run"]
 
 
+_SAMPLE_KEYS = ("data.blend", "data.split", "data.seed")  # what the checkpoint's data fingerprint covers
+
+
+def _same_samples(held: dict, stages, progress) -> list[tuple]:
+    """The held data changes that do not change what trains: `data.blend` / `split` / `seed` when the
+    stage's data fingerprint (content, weights, split, seed) is the checkpoint's, `data.tokenizer` when
+    the tokenizer's fingerprint is (data or a tokenizer moved to another path)."""
+    from ttt_train.data.datasets import dataset_fingerprint
+    from ttt_train.data.tokenizer import load_tokenizer
+    from ttt_train.training.checkpoint import read_checkpoint_info
+
+    same = []
+    for index, diffs in held.items():
+        stage = stages[index]
+        keys = {key: key.split(".", 2)[2] if key.startswith("stages.") else key for key, _, _ in diffs}
+        if stage.data is None or progress[index] is None or not any(
+                k in (*_SAMPLE_KEYS, "data.tokenizer") for k in keys.values()):
+            continue
+        manifest = read_checkpoint_info(progress[index][1])["manifest"] or {}
+        samples = manifest.get("data_fingerprint") == dataset_fingerprint(stage.data)
+        recorded = (manifest.get("tokenizer") or {}).get("fingerprint")
+        tokens = bool(recorded) and load_tokenizer(stage.data.tokenizer, stage.data.eod_token).matches(recorded)
+        same += [d for d in diffs if (samples and keys[d[0]] in _SAMPLE_KEYS) or (tokens and keys[d[0]] == "data.tokenizer")]
+    return same
+
+
 def _read_config(run_dir: Path) -> dict | None:
     from omegaconf import OmegaConf
 
@@ -233,11 +260,17 @@ def plan_start(cfg, stages) -> StartPlan:
             progress = progress[:first] + [None] * (len(stages) - first)
             done = done[:first] + [False] * (len(stages) - first)
             held = {i: d for i, d in held.items() if i < first}
+    same_data = _same_samples(held, stages, progress)
+    held = {i: [d for d in diffs if d not in same_data] for i, diffs in held.items()}
+    held = {i: diffs for i, diffs in held.items() if diffs}
     if held:
         raise _refusal(run_dir, stages, held, progress, old, cfg.init.hf)
 
     todo = [i for i in chosen if not done[i]]
     applied = _changed(old, new) if old is not None else []
+    if same_data:
+        applied.append(f"(data paths or tokenizer moved: {', '.join(sorted({d[0] for d in same_data}))} name the same "
+                       f"samples and tokenizer as the checkpoint's fingerprints)")
     remaining = [i for i in range(len(stages)) if not done[i] and i not in todo]
     if not todo:
         return StartPlan([], applied=applied, remaining=remaining,
