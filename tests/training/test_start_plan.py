@@ -179,3 +179,11 @@ def test_data_moved_to_another_path_is_no_change(run, data, tmp_path):
     assert any("name the same samples and tokenizer as the checkpoint's fingerprints" in line for line in plan.applied)
     with pytest.raises(ConfigError, match="data.seed: 1234 -> 7"):
         run.plan(f"data.blend=[{{path:'{moved}',weight:1.0}}]", "data.seed=7")
+
+
+def test_the_keys_applied_on_resume_are_keys_of_the_config():
+    from ttt_train.config_compose import schema_lookup
+    from ttt_train.training.config import TrainConfig
+    from ttt_train.training.start import APPLIED_ON_RESUME
+
+    assert [key for key in APPLIED_ON_RESUME if schema_lookup(TrainConfig, key.split(".")) is not None] == []
