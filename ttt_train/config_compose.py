@@ -130,67 +130,60 @@ def first_unknown(value, schema, prefix: tuple[str, ...] = ()) -> tuple[str, int
     return None
 
 
-def schema_lookup(schema, parts: list[str]) -> tuple[int, list[str]] | None:
-    """(depth, known keys) of the first part of key `parts` that dataclass `schema` lacks, or None
-    when every part is known (or the schema says nothing below some part)."""
+def _steps(schema, parts: list[str]):
+    """(depth, dataclass holding `parts[depth]`) along dotted key `parts` from dataclass `schema`
+    (list indices skipped); ends after a part the schema lacks or below which it says nothing."""
     cls, expect_index = schema, False
     for depth, part in enumerate(parts):
         if expect_index:
             if not part.isdigit():
-                return None
+                return
             expect_index = False
             continue
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            return depth, names
+        yield depth, cls
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            return
         child = _child_schema(cls, part)
         if child is None:
-            return None
+            return
         kind, cls = child
         expect_index = kind == "list"
+
+
+def _optional_dataclass(cls, name: str):
+    """The dataclass field `name` of `cls` holds when typed `X | None`, else None."""
+    if name not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    annotation = typing.get_type_hints(cls)[name]
+    return _dataclass_in(annotation) if type(None) in _options(annotation) else None
+
+
+def schema_lookup(schema, parts: list[str]) -> tuple[int, list[str]] | None:
+    """(depth, known keys) of the first part of key `parts` that dataclass `schema` lacks, or None
+    when every part is known (or the schema says nothing below some part)."""
+    for depth, cls in _steps(schema, parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if parts[depth] not in names:
+            return depth, names
     return None
 
 
 def nullable_parent(schema, parts: list[str]) -> tuple[str, list[str]] | None:
     """(dotted path, field names) of the first prefix of key `parts` that `schema` types as an optional
     dataclass (null in a config, so a key below it cannot be set alone), or None."""
-    cls, expect_index = schema, False
-    for depth, part in enumerate(parts[:-1]):
-        if expect_index:
-            expect_index = False
-            continue
-        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
-            return None
-        annotation = typing.get_type_hints(cls)[part]
-        if type(None) in _options(annotation) and _dataclass_in(annotation) is not None:
-            return ".".join(parts[:depth + 1]), [f.name for f in dataclasses.fields(_dataclass_in(annotation))]
-        child = _child_schema(cls, part)
-        if child is None:
-            return None
-        kind, cls = child
-        expect_index = kind == "list"
+    for depth, cls in _steps(schema, parts[:-1]):
+        found = _optional_dataclass(cls, parts[depth])
+        if found is not None:
+            return ".".join(parts[:depth + 1]), [f.name for f in dataclasses.fields(found)]
     return None
 
 
 def optional_dataclass_at(schema, parts: list[str]):
     """The dataclass that `schema` types key `parts` with, when it is optional (`X | None`), else None."""
-    *parents, last = parts
-    cls, expect_index = schema, False
-    for part in parents:
-        if expect_index:
-            expect_index = False
-            continue
-        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
-            return None
-        child = _child_schema(cls, part)
-        if child is None:
-            return None
-        kind, cls = child
-        expect_index = kind == "list"
-    if expect_index or not dataclasses.is_dataclass(cls) or last not in {f.name for f in dataclasses.fields(cls)}:
+    steps = list(_steps(schema, parts))
+    if not steps or steps[-1][0] != len(parts) - 1:
         return None
-    annotation = typing.get_type_hints(cls)[last]
-    return _dataclass_in(annotation) if type(None) in _options(annotation) else None
+    return _optional_dataclass(steps[-1][1], parts[-1])
 
 
 def check_schema(cfg, schema) -> None:
