@@ -1,18 +1,19 @@
-"""`make demo`: train In-Place TTT and its baseline through the tiny curriculum, export, evaluate, compare.
+"""`make demo`: train In-Place TTT and its sliding-window baseline from scratch, export, evaluate, compare.
 
-    python -m ttt_train.demo [key=value ...]     (Hydra overrides of configs/demo/demo.yaml)
+    python -m ttt_train.demo [key=value ...]     (overrides of configs/demo/demo.yaml)
 
 A thin orchestrator: it prints (`$ ...`) and runs, as subprocesses, the commands a user would type,
 all taken from configs/demo/demo.yaml:
-1. `python -m data_tools.synthetic ...` for each data prefix not yet written;
+1. `python -m data_tools.synthetic ...` for each dataset or held-out records file not yet written;
 2. `torchrun --nproc-per-node N -m ttt_train.train experiment=E run.dir=OUT/E ...` for each run
    (a finished run says so and exits 0; an interrupted one resumes);
 3. `python -m ttt_train.convert export --checkpoint ... --out OUT/hf/E` from each run's final
    checkpoint (skipped when OUT/hf/E was exported from that same checkpoint);
 4. `python -m ttt_train.eval models=[...] labels=[...] out=OUT/eval/NAME ...` for each evaluation;
-then prints one table (final held-out loss per stage, recall by length, training tokens/s, per run),
-computed from the runs' metrics.jsonl and the evaluations' CSV files, writes it to OUT/summary.md,
-and says where the plots, checkpoints, exports and wandb offline runs are.
+then prints one table (final held-out loss per stage, loss and recall on the held-out documents'
+recall tokens per evaluation, training tokens/s, per run), computed from the runs' metrics.jsonl and
+the evaluations' CSV files, the verdict (the first run against the second, on `targets`), writes
+both to OUT/summary.md and says where the plots, checkpoints, exports and wandb offline runs are.
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ def python_module(module: str, args: list[str]) -> None:
 def torchrun(nproc: int, module: str, args: list[str]) -> None:
     launcher = ["--nproc-per-node", str(nproc), "-m", module, *args]
     run(["torchrun", *launcher], [sys.executable, "-m", "torch.distributed.run", *launcher])
+
+
+def make_data(item: dict) -> None:
+    """`data_tools.synthetic` for one `data` entry: a dataset (`prefix`) or a records file (`output`)."""
+    if "prefix" in item:
+        flag, target, present = "--output-prefix", item["prefix"], Path(f"{item['prefix']}.idx")
+    else:
+        flag, target, present = "--output", item["output"], Path(item["output"])
+    if present.is_file():
+        print(f"# {target}: present")
+        return
+    python_module("data_tools.synthetic", [*map(str, item["args"]), flag, target])
 
 
 def final_checkpoint(run_dir: Path) -> tuple[Path, Path]:
@@ -119,27 +132,27 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def summarise(metrics: dict[str, dict], recall: list[dict], position: list[dict]) -> tuple[list[dict], dict]:
-    """One row per run label and the per-label aggregates the verdict compares."""
+def summarise(metrics: dict[str, dict], recall: dict[str, list[dict]]) -> tuple[list[dict], dict]:
+    """One row per run label, and per label and evaluation the all-task recall figures the verdict
+    compares (`recall`: evaluation name -> its recall.csv rows)."""
     rows, scores = [], {}
     for label, stages in metrics.items():
         row: dict[str, str] = {"run": label}
         for name, m in stages.items():
             loss = m["val_loss"] if m["val_loss"] is not None else m["train_loss"]
             row[f"{name} loss{'' if m['val_loss'] is not None else ' (train)'}"] = _fmt(loss, 3)
-        mine = [r for r in recall if r["model"] == label and r["average"] != ""]  # "" : not evaluated
-        for r in mine:
-            row[f"recall@{r['length']}"] = f"{float(r['average']):.0f}%"
+        scores[label] = {}
+        for evaluation, table_rows in recall.items():
+            mine = [r for r in table_rows if r["model"] == label]
+            overall = next((r for r in mine if r["task"] == "all"), mine[0] if len(mine) == 1 else None)
+            if overall is None:
+                continue
+            figures = {k: float(overall[k]) for k in ("recall_loss", "recall_accuracy_%", "chance_%")}
+            scores[label][evaluation] = figures
+            row[f"{evaluation} recall loss"] = _fmt(figures["recall_loss"], 3)
+            row[f"{evaluation} recall"] = f"{figures['recall_accuracy_%']:.0f}%"
         for name, m in stages.items():
             row[f"{name} tok/s"] = _fmt(m["tokens_per_s"], 0)
-        buckets = [r for r in position if r["model"] == label]
-        for r in buckets[:1] + buckets[1:][-1:]:  # the first and the last position bucket
-            row[f"held-out loss @{r['position_start']}-{r['position_end']}"] = _fmt(float(r["loss"]), 3)
-        last = list(stages.values())[-1]
-        scores[label] = {
-            "recall": statistics.mean(float(r["average"]) for r in mine) if mine else None,
-            "loss": last["val_loss"] if last["val_loss"] is not None else last["train_loss"],
-        }
         rows.append(row)
     return rows, scores
 
@@ -155,21 +168,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
 
 
-def verdict(scores: dict, ttt: str, base: str) -> str:
-    """What the measurements say, TTT against the baseline (computed, never assumed)."""
-    t, b = scores[ttt], scores[base]
-    parts, margins = [], []  # margin > 0: TTT better
-    if t["recall"] is not None and b["recall"] is not None:
-        margins.append(t["recall"] - b["recall"])
-        none = " (neither model retrieved a single pass key)" if t["recall"] == b["recall"] == 0 else ""
-        parts.append(f"mean passkey recall {t['recall']:.0f}% ({ttt}) vs {b['recall']:.0f}% ({base}){none}")
-    if t["loss"] is not None and b["loss"] is not None:
-        margins.append(b["loss"] - t["loss"])
-        parts.append(f"final-stage loss {t['loss']:.3f} ({ttt}) vs {b['loss']:.3f} ({base})")
-    head = (f"{ttt} beats {base} at this scale" if margins and all(m > 0 for m in margins) else
-            f"{ttt} does not beat {base} at this scale" if all(m <= 0 for m in margins) else
-            "mixed result at this scale")
-    return f"{head}: " + "; ".join(parts) + "."
+def verdict(scores: dict, ttt: str, base: str, targets: dict) -> str:
+    """What the measurements say, TTT against the baseline on every evaluation (computed, never
+    assumed): the recall-token loss ratio, TTT's recall, the baseline's recall over chance."""
+    parts, met = [], []
+    for evaluation, t in scores[ttt].items():
+        b = scores[base].get(evaluation)
+        if b is None:
+            continue
+        ratio = t["recall_loss"] / b["recall_loss"]
+        over = b["recall_accuracy_%"] - b["chance_%"]
+        checks = [ratio <= targets["loss_ratio"], t["recall_accuracy_%"] >= targets["recall_min"],
+                  not over > targets["baseline_over_chance"]]  # nan (chance unknown) does not fail it
+        met.extend(checks)
+        chance = f", chance {b['chance_%']:.0f}%" if b["chance_%"] == b["chance_%"] else ""
+        parts.append(f"{evaluation}: recall-token loss {t['recall_loss']:.3f} vs {b['recall_loss']:.3f} "
+                     f"({100 * ratio:.0f}%), recall {t['recall_accuracy_%']:.0f}% vs {b['recall_accuracy_%']:.0f}%"
+                     f"{chance}")
+    if not parts:
+        return f"no evaluation holds both {ttt} and {base}: nothing to compare."
+    ttt_side = [ok for i, ok in enumerate(met) if i % 3 < 2]  # the loss ratio and TTT's recall
+    head = (f"{ttt} beats {base}, every target met" if all(met) else
+            f"{ttt} does not beat {base} at this scale" if not any(ttt_side) else
+            f"{ttt} meets {sum(met)} of {len(met)} targets")
+    bar = (f"targets: loss <= {100 * targets['loss_ratio']:.0f}% of {base}'s, recall >= {targets['recall_min']:.0f}%, "
+           f"{base} within {targets['baseline_over_chance']:.0f} points of chance")
+    return f"{head} ({bar}): " + "; ".join(parts) + "."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = list(cfg["runs"])
     try:
         for item in cfg["data"]:
-            if Path(f"{item['prefix']}.idx").is_file():
-                print(f"# {item['prefix']}: present")
-            else:
-                python_module("data_tools.synthetic", [*map(str, item["args"]), "--output-prefix", item["prefix"]])
+            make_data(item)
         for run_cfg in cfg["runs"].values():
             experiment = run_cfg["experiment"]
             torchrun(cfg["nproc_per_node"], "ttt_train.train", [f"experiment={experiment}", f"run.dir={out / experiment}",
@@ -216,19 +237,19 @@ def report(cfg: dict, out: Path, labels: list[str]) -> None:
     experiments = {label: r["experiment"] for label, r in cfg["runs"].items()}
     metrics = {label: stage_metrics(out / e / "metrics.jsonl") for label, e in experiments.items()}
     evals = out / "eval"
-    recall = [r for name in cfg["eval"] if (evals / name / "ruler_scores.csv").is_file()
-              for r in read_csv(evals / name / "ruler_scores.csv")]
-    position = [r for name in cfg["eval"] if (evals / name / "loss_by_position.csv").is_file()
-                for r in read_csv(evals / name / "loss_by_position.csv")]
-    rows, scores = summarise(metrics, recall, position)
+    recall = {name: read_csv(evals / name / "recall.csv") for name in cfg["eval"]
+              if (evals / name / "recall.csv").is_file()}
+    rows, scores = summarise(metrics, recall)
     lines = [table(rows), ""]
     if len(labels) >= 2:
-        lines.append(verdict(scores, labels[0], labels[1]))
+        lines.append(verdict(scores, labels[0], labels[1], cfg["targets"]))
     lines += [
         "",
         "loss: held-out validation loss at each stage's end (train: the last logged training loss); "
-        "recall: passkey retrieved exactly, by prompt length in tokens; tok/s: median training throughput "
-        "over the logged intervals, all ranks together.",
+        "<eval> recall loss / recall: on the held-out documents of each evaluation, the loss (nats per token) "
+        "and the argmax accuracy on exactly the tokens only a memory of the document predicts (queried values, "
+        "pass keys, the copied string; per task in OUT/eval/<eval>/recall.csv); tok/s: median training "
+        "throughput over the logged intervals, all ranks together.",
         "",
         "where everything is:",
         *[f"  {label}: run folder {out / e} (config.yaml, metrics.jsonl, stages/*/checkpoints), "

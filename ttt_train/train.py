@@ -204,7 +204,7 @@ def run(cfg, stages: list[Stage], flags) -> int:
         for k, index in enumerate(plan.todo):
             stage = stages[index]
             resume = plan.resume if k == 0 else None
-            built = build(stage, cfg.validation)
+            built = build(stage)
             previous = latest_checkpoint(stages[index - 1].checkpoints) if index and resume is None else None
             info = load_start(stage, built, resume=resume, previous=previous, init=cfg.init,
                               carry_optimizer=cfg.checkpoint.carry_optimizer)

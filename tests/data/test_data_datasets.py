@@ -80,15 +80,15 @@ def test_yaml_configs(tmp_path, byte_tokenizer):
     args = ["passkey", "multikey", "variable_tracking", "--num", "96", "--length", "1024", "--seed", "0"]
     assert synthetic.main([*args, "--output-prefix", str(prefix)]) == 0
     tiny.blend[0].path, tiny.cache_dir = str(prefix), str(tmp_path / "cache")
+    tiny.seq_length = 512  # a stage's, not the data section's
     cfg = DataConfig.from_dict(tiny)
     assert (cfg.seq_length, cfg.tokenizer, cfg.blend[0].weight) == (512, "byte", 1.0)
     train, valid, test = build_datasets(cfg, byte_tokenizer, num_samples=(64, 4, 4))
     assert len(train) >= 64 and train[0]["tokens"].shape == (512,)
     for name in ("pretrain_example.yaml", "longctx_stage2_example.yaml"):
         with pytest.raises(ValueError, match=r"blend\[0\].path': /data/tokenized/"):
-            DataConfig.from_dict(
-                OmegaConf.load(CONFIGS / name)
-            )  # placeholder paths are refused, naming the key
+            # placeholder paths are refused, naming the key
+            DataConfig.from_dict({**OmegaConf.to_container(OmegaConf.load(CONFIGS / name)), "seq_length": 512})
 
 
 def test_adapter_is_what_megatron_needs(byte_tokenizer):

@@ -142,6 +142,11 @@ TASKS: dict[str, tuple[TaskFn, Callable[[dict], int]]] = {
 }
 
 
+RECALL_ALPHABETS = {"passkey": 10, "mqar": len(VALUE_LETTERS), "copy": len(VALUE_LETTERS)}
+"""Tasks whose every recall character is drawn uniformly from an alphabet of this size (chance
+accuracy per character: 1 / size); the others' answers mix characters of several kinds."""
+
+
 def generate(task: str, length_tokens: int, seed: int, tokenizer: Tokenizer | None = None, **options) -> dict:
     """One record of `task` whose `text` is at most `length_tokens` tokens long, as long as possible."""
     if task not in TASKS:

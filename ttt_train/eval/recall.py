@@ -4,7 +4,8 @@ The records are `python -m data_tools.synthetic TASK ... --output FILE.jsonl` li
 `text` and the `recall_spans` (character ranges) only a memory of the context can predict (mqar's
 queried values, copy's second copy, passkey's key). Each record's text is run once through the model
 (teacher forcing, no generation); a recall token is one whose characters lie inside a span. Per
-record the result holds the loss and the argmax hits on the recall tokens and on all other tokens,
+record the result holds the loss and the argmax hits on the recall tokens and on all other tokens
+(and the hits a uniform guess expects, for tasks whose answers are drawn from one alphabet),
 and the per-token loss summed into buckets of `position_width` target positions, so tables and
 plots compare models on exactly the same tokens.
 """
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ttt_train.data.recall import encode_record, read_records
+from ttt_train.data.synthetic import RECALL_ALPHABETS
 from ttt_train.eval.models import ModelEntry, load_model
 from ttt_train.eval.results import ResultsFile
 from ttt_train.eval.sliding_ppl import check_head_path, target_scores
@@ -62,6 +64,8 @@ def run_recall(cfg: dict, entries: list[ModelEntry], contexts: dict[str, int], r
                 "task": records[i].get("task"), "tokens": length, "truncated": length < len(token_ids),
                 "recall_tokens": int(recall.sum()), "recall_loss_sum": float(losses[recall].sum()),
                 "recall_hits": int(hits[recall].sum()), "other_tokens": int((~recall).sum()),
+                "recall_chance": (int(recall.sum()) / RECALL_ALPHABETS[records[i]["task"]]
+                                  if records[i].get("task") in RECALL_ALPHABETS else None),
                 "other_loss_sum": float(losses[~recall].sum()), "other_hits": int(hits[~recall].sum()),
                 "bucket_edges": edges.tolist(),
                 "bucket_loss_sums": [float(losses[a - 1:b - 1].sum()) for a, b in zip(edges, edges[1:])],

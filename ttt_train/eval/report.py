@@ -155,8 +155,8 @@ def sliding_ppl_report(records: list[dict], models: list[str], out: Path, annota
 
 
 def recall_report(records: list[dict], models: list[str], out: Path) -> list[dict]:
-    """recall.csv (per model and task: loss and argmax accuracy on the recall tokens and on the
-    others) and recall_loss_by_position.csv / .png (mean loss per position bucket, with the fraction
+    """recall.csv (per model and task: loss and argmax accuracy on the recall tokens, the accuracy a
+    uniform guess expects (nan where the task's answers mix alphabets), the loss on the others) and recall_loss_by_position.csv / .png (mean loss per position bucket, with the fraction
     of the bucket's tokens that are recall tokens)."""
     totals = defaultdict(lambda: defaultdict(float))
     position = defaultdict(lambda: defaultdict(lambda: [0.0, 0, 0]))
@@ -166,6 +166,8 @@ def recall_report(records: list[dict], models: list[str], out: Path) -> list[dic
             acc["records"] += 1
             for key in ("recall_tokens", "recall_loss_sum", "recall_hits", "other_tokens", "other_loss_sum"):
                 acc[key] += r[key]
+            known = r.get("recall_chance") is not None and acc.get("chance", 0.0) is not None
+            acc["chance"] = acc.get("chance", 0.0) + r["recall_chance"] if known else None  # None: unknown
         edges = r["bucket_edges"]
         for a, b, loss, recall in zip(edges, edges[1:], r["bucket_loss_sums"], r["bucket_recall_tokens"]):
             acc = position[r["model"]][a, b]
@@ -182,7 +184,9 @@ def recall_report(records: list[dict], models: list[str], out: Path) -> list[dic
             n, m = max(acc["recall_tokens"], 1), max(acc["other_tokens"], 1)
             rows.append({"model": model, "task": task, "records": int(acc["records"]),
                          "recall_tokens": int(acc["recall_tokens"]), "recall_loss": acc["recall_loss_sum"] / n,
-                         "recall_accuracy_%": 100 * acc["recall_hits"] / n, "other_loss": acc["other_loss_sum"] / m})
+                         "recall_accuracy_%": 100 * acc["recall_hits"] / n,
+                         "chance_%": 100 * acc["chance"] / n if acc.get("chance") is not None else float("nan"),
+                         "other_loss": acc["other_loss_sum"] / m})
     pos_rows, lines = [], {}
     for model in models:
         for (a, b), (loss, tokens, recall) in sorted(position.get(model, {}).items()):

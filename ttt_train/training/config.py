@@ -139,6 +139,7 @@ class StageConfig:
     schedule: dict[str, Any] = _overrides_of("schedule")
     data: dict[str, Any] = _overrides_of("data")
     training: dict[str, Any] = _overrides_of("training")
+    validation: dict[str, Any] = _overrides_of("validation")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(StageConfig) if "keys_of" in f.metadata)

@@ -31,6 +31,7 @@ from ttt_train.training.config import (
     InnerLRWarmup,
     ScheduleConfig,
     TrainingConfig,
+    ValidationConfig,
 )
 from ttt_train.training.optimizer import OptimizerArgs
 from ttt_train.training.setup import DDPConfig
@@ -63,6 +64,7 @@ class Stage:
     training: TrainingConfig
     data: DataConfig | None
     missing: list[str]
+    validation: ValidationConfig
 
     @property
     def checkpoints(self) -> Path:
@@ -240,15 +242,24 @@ def resolve_stage(cfg, index: int, world_size: int | None, *, check_files: bool 
     data = None if missing else _build(DataConfig, data_values, "data", where)
     if data is not None:
         _check_vocab(model, data, where)
-    if cfg.validation.every_steps > 0 and data is not None:
+    validation = ValidationConfig(**values["validation"])
+    _need(validation.num_batches >= 1 and validation.position_buckets >= 1 and validation.recall_count >= 1,
+          f"{where}.validation: num_batches, position_buckets and recall_count must be >= 1")
+    if validation.every_steps > 0 and data is not None:
         split = [float(x) for x in data.split.split(",")] + [0.0, 0.0]
         _need(split[1] > 0, f"{where}.data.split={data.split!r} has no validation share but validation.every_steps="
-              f"{cfg.validation.every_steps}; give the split a second value (e.g. '98,2,0') or set "
+              f"{validation.every_steps}; give the split a second value (e.g. '98,2,0') or set "
               f"validation.every_steps=0")
+    if validation.every_steps > 0 and validation.recall_records is not None \
+            and not Path(validation.recall_records).is_file():
+        missing.append(f"{where}.validation.recall_records={validation.recall_records}: no such file; write it with "
+                       "`python -m data_tools.synthetic TASK --num N --length L --output FILE.jsonl`")
+        if check_files:
+            raise ConfigError(missing[-1])
     folder = Path(cfg.run.dir) / "stages" / f"{index}_{st.name}"
     return Stage(index=index, name=st.name, folder=folder, tokens=tokens, seq_length=seq, steps=steps, dp=dp,
                  model=model, ttt=ttt, lr_warmup=lr_warmup, parallel=parallel, ddp=ddp, optimizer=optimizer,
-                 schedule=schedule, training=training, data=data, missing=missing)
+                 schedule=schedule, training=training, data=data, missing=missing, validation=validation)
 
 
 def _check_vocab(model: ModelConfig, data: DataConfig, where: str) -> None:
@@ -296,7 +307,5 @@ def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
     _need(cfg.logging.wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
           f"logging.wandb.mode={cfg.logging.wandb.mode}: the wandb package is not installed; pip install wandb, "
           f"or set logging.wandb.mode=disabled (metrics.jsonl is written either way)")
-    _need(cfg.validation.num_batches >= 1 and cfg.validation.position_buckets >= 1,
-          "validation.num_batches and validation.position_buckets must be >= 1")
     _need(cfg.run.exit_after_minutes >= 0, "run.exit_after_minutes must be >= 0 (0: off)")
     return stages

@@ -75,7 +75,7 @@ def validate(stage: Stage, built: Built, run: RunState, step: int) -> None:
 
     from ttt_train.data.datasets import build_dataloader
 
-    v = run.cfg.validation
+    v = stage.validation
     loader = build_dataloader(built.valid_set, built.tokenizer.eod_id, 0, stage.training.micro_batch_size,
                               ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     for chunk in built.chunks:
@@ -140,7 +140,7 @@ def train_stage(stage: Stage, built: Built, run: RunState, start_step: int) -> b
             now = time.perf_counter()
             _log(stage, built, run, step, pending, now - interval_start, now - stage_start, start_step, skips.total)
             pending, interval_start = [], time.perf_counter()
-        if cfg.validation.every_steps and (step % cfg.validation.every_steps == 0 or step == stage.steps):
+        if stage.validation.every_steps and (step % stage.validation.every_steps == 0 or step == stage.steps):
             validate(stage, built, run, step)
         stop, save_due = run.flags.agree()
         if step == stage.steps:

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         synthetic.main(["passkey", "variable_tracking", "--num", "200", "--length", str(args.seq_length),
                         "--seed", "0", "--output-prefix", prefix])
         cfg, stage = _stage(prefix, Path(tmp) / "run", args.steps, args.seq_length)
-        built = build(stage, cfg.validation)
+        built = build(stage)
         writer = MetricsWriter(Path(tmp) / "run", cfg.logging.wandb, "bench", {}, "bench", enabled=False)
         flags = StopFlags([], 0, 0)
         bare, driver = [], []

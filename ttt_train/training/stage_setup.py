@@ -26,7 +26,7 @@ class Built:
     recall_set: dict | None = None  # validation.recall_records as one batch of this rank's rows
 
 
-def build(stage: Stage, validation) -> Built:
+def build(stage: Stage) -> Built:
     """Initialise the stage's layout and build its model, optimizer, schedule and datasets (collective)."""
     from ttt_train.data.datasets import build_datasets, dataset_fingerprint
     from ttt_train.data.tokenizer import load_tokenizer
@@ -38,7 +38,7 @@ def build(stage: Stage, validation) -> Built:
     from ttt_train.training.setup import wrap_for_training
 
     dp = initialize(stage.parallel)
-    t = stage.training
+    t, validation = stage.training, stage.validation
     tokenizer = load_tokenizer(stage.data.tokenizer, stage.data.eod_token)
     valid_samples = validation.num_batches * t.micro_batch_size * dp if validation.every_steps > 0 else 0
     train_set, valid_set, _ = build_datasets(stage.data, tokenizer,
