@@ -1,6 +1,8 @@
 """`make demo` end to end at a reduced size (overrides of configs/demo/demo.yaml): the commands it
 prints and runs, the table, the files it says it wrote; a rerun skips finished work."""
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -11,13 +13,14 @@ import pytest
 from ttt_train.demo import stage_metrics, summarise, verdict
 
 SMALL = [
-    "data.0.args=[passkey,multikey,variable_tracking,--num,40,--length,1024,--seed,0]",
-    "data.1.args=[passkey,multikey,variable_tracking,--num,16,--length,4096,--seed,100000]",
-    "data.2.args=[passkey,--num,2,--length,4096,--seed,900000]",
-    'train_overrides=["validation.every_steps=2","stages.0.tokens=8192","stages.1.tokens=8192","logging.interval=1"]',
-    'eval.recall=["suite=ruler","suite.tasks=[passkey]","lengths=[1024,2048]","samples=2"]',
-    'eval.position=["suite=sliding_ppl","suite.dataset=data/tiny_curriculum/heldout4k","suite.block=256",'
-    '"suite.position_length=2048","suite.position_buckets=4","lengths=[0,1024]","samples=2"]',
+    "data.0.args=[mqar,passkey,copy,--num,300,--length,128,--num-pairs,8,--copy-length,16,--seed,0]",
+    "data.1.args=[mqar,passkey,copy,--num,12,--length,1024,--num-pairs,8,--copy-length,16,--seed,100000]",
+    "data.2.args=[mqar,passkey,copy,--num,6,--length,128,--num-pairs,8,--copy-length,16,--seed,900000]",
+    "data.3.args=[mqar,passkey,copy,--num,3,--length,1024,--num-pairs,8,--copy-length,16,--seed,910000]",
+    'train_overrides=["stages.0.tokens=16384","stages.1.tokens=8192","validation.every_steps=2",'
+    '"validation.recall_count=4","stages.1.validation.recall_count=2","logging.interval=1"]',
+    "eval.short=[suite=recall,suite.records=data/recall/heldout128.jsonl,samples=6]",
+    "eval.long=[suite=recall,suite.records=data/recall/heldout1024.jsonl,samples=3]",
 ]
 
 
@@ -33,23 +36,26 @@ def demo(cwd, *overrides):
 def test_demo_end_to_end_and_rerun(tmp_path):
     out = demo(tmp_path)
     commands = re.findall(r"^\$ (.*)$", out, flags=re.M)
-    assert [c.split(" experiment=")[0] for c in commands if c.startswith("torchrun")] == \
-        ["torchrun --nproc-per-node 2 -m ttt_train.train"] * 2
-    assert sum(c.startswith("python -m data_tools.synthetic") for c in commands) == 3
-    assert "python -m ttt_train.convert export --checkpoint " in out and out.count("$ python -m ttt_train.eval ") == 2
-    assert "torchrun --nproc-per-node 2 -m ttt_train.train experiment=tiny_ttt run.dir=runs/demo/tiny_ttt" in out
+    assert [c.split(" run.dir=")[0] for c in commands if c.startswith("torchrun")] == [
+        f"torchrun --nproc-per-node 2 -m ttt_train.train experiment={e}" for e in ("recall_tiny_ttt", "recall_tiny_base")]
+    assert sum(c.startswith("python -m data_tools.synthetic") for c in commands) == 4
+    assert out.count("$ python -m ttt_train.convert export --checkpoint ") == 2
+    assert out.count("$ python -m ttt_train.eval ") == 2 and "suite=recall" in out
     header = next(line for line in out.splitlines() if line.strip().startswith("run "))
-    for column in ("ctx1k loss", "ctx4k loss", "recall@1024", "recall@2048", "ctx1k tok/s", "ctx4k tok/s"):
+    for column in ("recall loss", "long loss", "short recall loss", "short recall", "long recall", "recall tok/s"):
         assert column in header
     assert re.search(r"^ *TTT .*%", out, flags=re.M) and re.search(r"^ *baseline .*%", out, flags=re.M)
-    assert re.search(r"^TTT (beats|does not beat) baseline at this scale|^mixed result", out, flags=re.M)
+    assert re.search(r"^TTT (beats baseline|does not beat baseline|meets (every target|\d of 3 targets) on short)",
+                     out, flags=re.M)
     runs = tmp_path / "runs" / "demo"
     assert (runs / "summary.md").read_text().strip() in out
-    for name in ("ruler_scores.png", "ruler_scores.csv"):
-        assert (runs / "eval" / "recall" / name).is_file()
-    assert (runs / "eval" / "position" / "loss_by_position.png").is_file()
-    for experiment in ("tiny_ttt", "tiny_base"):
+    for name in ("short", "long"):
+        for file in ("recall.csv", "recall_loss_by_position.png"):
+            assert (runs / "eval" / name / file).is_file()
+    for experiment in ("recall_tiny_ttt", "recall_tiny_base"):
         assert (runs / "hf" / experiment / "config.json").is_file()
+        records = [json.loads(line) for line in (runs / experiment / "metrics.jsonl").read_text().splitlines()]
+        assert {r["stage_name"] for r in records if "val/recall_loss" in r} == {"recall", "long"}
         offline = list((runs / experiment / "wandb").glob("offline-run-*"))
         assert offline and f"wandb sync {offline[0].relative_to(tmp_path)}" in out
 
@@ -68,17 +74,32 @@ def test_table_and_verdict_from_metrics(tmp_path):
         {"stage": 1, "stage_name": "b", "step": 5, "loss": 1.5, "tokens_per_s": 50.0},
     ]
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(f"{__import__('json').dumps(r)}\n" for r in lines))
+    path.write_text("".join(f"{json.dumps(r)}\n" for r in lines))
     metrics = stage_metrics(path)
     assert metrics == {"a": {"val_loss": 2.2, "train_loss": 2.0, "tokens_per_s": 250.0},
                        "b": {"val_loss": None, "train_loss": 1.5, "tokens_per_s": 50.0}}
-    recall = [{"model": "T", "length": "1024", "average": "50.0"}, {"model": "B", "length": "1024", "average": "0.0"}]
-    rows, scores = summarise({"T": metrics, "B": {"a": metrics["a"], "b": {**metrics["b"], "train_loss": 1.0}}},
-                             recall, [])
-    assert rows[0] == {"run": "T", "a loss": "2.200", "b loss (train)": "1.500", "recall@1024": "50%",
-                       "a tok/s": "250", "b tok/s": "50"}
-    assert verdict(scores, "T", "B").startswith("mixed result at this scale: mean passkey recall 50% (T) vs 0% (B)")
-    scores["T"]["loss"] = 0.5
-    assert verdict(scores, "T", "B").startswith("T beats B")
-    scores["T"].update(loss=2.0, recall=0.0)
-    assert verdict(scores, "T", "B").startswith("T does not beat B")
+
+    def recall_rows(model, loss, accuracy, chance="3.8"):
+        return [{"model": model, "task": "mqar", "recall_loss": "9", "recall_accuracy_%": "0", "chance_%": chance},
+                {"model": model, "task": "all", "recall_loss": str(loss), "recall_accuracy_%": str(accuracy),
+                 "chance_%": chance}]
+
+    recall = {"short": recall_rows("T", 0.4, 90.0) + recall_rows("B", 3.2, 5.0)}
+    rows, scores = summarise({"T": metrics, "B": metrics}, recall)
+    assert rows[0] == {"run": "T", "a loss": "2.200", "b loss (train)": "1.500", "short recall loss": "0.400",
+                       "short recall": "90%", "a tok/s": "250", "b tok/s": "50"}
+    assert scores["B"]["short"] == {"recall_loss": 3.2, "recall_accuracy_%": 5.0, "chance_%": 3.8}  # the "all" row
+    targets = {"loss_ratio": 0.5, "recall_min": 80.0, "baseline_over_chance": 10.0}
+    assert verdict(scores, "T", "B", targets).startswith("T beats B, every target met")
+    assert "recall-token loss 0.400 vs 3.200 (12%), recall 90% vs 5%, chance 4%" in verdict(scores, "T", "B", targets)
+    scores["B"]["short"]["recall_accuracy_%"] = 20.0  # the baseline well above chance: a target missed
+    assert verdict(scores, "T", "B", targets).startswith("T meets 2 of 3 targets on short (targets:")
+    scores["T"]["long"], scores["B"]["long"] = dict(scores["T"]["short"]), {**scores["B"]["short"], "recall_accuracy_%": 5.0}
+    assert verdict(scores, "T", "B", targets).startswith("T meets 2 of 3 targets on short, every target on long")
+    del scores["T"]["long"]
+    scores["T"]["short"].update(recall_loss=3.0, **{"recall_accuracy_%": 6.0})
+    assert verdict(scores, "T", "B", targets).startswith("T does not beat B at this scale")
+    scores["B"]["short"].update(**{"chance_%": math.nan, "recall_accuracy_%": 50.0})  # chance unknown: not failed
+    scores["T"]["short"].update(recall_loss=0.1, **{"recall_accuracy_%": 99.0})
+    assert verdict(scores, "T", "B", targets).startswith("T beats B")
+    assert verdict({"T": {}, "B": {}}, "T", "B", targets).startswith("no evaluation holds both T and B")

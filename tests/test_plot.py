@@ -46,3 +46,11 @@ def test_plot_compares_runs_and_names_what_is_missing(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'}: no metrics.jsonl (is it a ttt_train.train run folder?)\n"
     empty = write_run(tmp_path / "empty", [])
     assert plot.main([str(empty)]) == 2 and "no loss records yet" in capsys.readouterr().err
+
+
+def test_plot_another_validation_metric(tmp_path, capsys):
+    rows = records() + [{"stage": 1, "stage_name": "ctx4k", "step": 3, "run_step": 7, "val/recall_loss": 0.5}]
+    run = write_run(tmp_path / "run", rows)
+    assert plot.read_curves(run, "val/recall_loss")["val"] == [(7, 0.5)]
+    assert plot.main([str(run), "--validation", "val/recall_loss"]) == 0
+    assert "7 training and 1 validation points" in capsys.readouterr().out

@@ -171,26 +171,29 @@ def table(rows: list[dict]) -> str:
 def verdict(scores: dict, ttt: str, base: str, targets: dict) -> str:
     """What the measurements say, TTT against the baseline on every evaluation (computed, never
     assumed): the recall-token loss ratio, TTT's recall, the baseline's recall over chance."""
-    parts, met = [], []
+    parts, met = [], {}
     for evaluation, t in scores[ttt].items():
         b = scores[base].get(evaluation)
         if b is None:
             continue
         ratio = t["recall_loss"] / b["recall_loss"]
         over = b["recall_accuracy_%"] - b["chance_%"]
-        checks = [ratio <= targets["loss_ratio"], t["recall_accuracy_%"] >= targets["recall_min"],
-                  not over > targets["baseline_over_chance"]]  # nan (chance unknown) does not fail it
-        met.extend(checks)
+        met[evaluation] = [ratio <= targets["loss_ratio"], t["recall_accuracy_%"] >= targets["recall_min"],
+                           not over > targets["baseline_over_chance"]]  # nan (chance unknown) does not fail it
         chance = f", chance {b['chance_%']:.0f}%" if b["chance_%"] == b["chance_%"] else ""
         parts.append(f"{evaluation}: recall-token loss {t['recall_loss']:.3f} vs {b['recall_loss']:.3f} "
                      f"({100 * ratio:.0f}%), recall {t['recall_accuracy_%']:.0f}% vs {b['recall_accuracy_%']:.0f}%"
                      f"{chance}")
     if not parts:
         return f"no evaluation holds both {ttt} and {base}: nothing to compare."
-    ttt_side = [ok for i, ok in enumerate(met) if i % 3 < 2]  # the loss ratio and TTT's recall
-    head = (f"{ttt} beats {base}, every target met" if all(met) else
-            f"{ttt} does not beat {base} at this scale" if not any(ttt_side) else
-            f"{ttt} meets {sum(met)} of {len(met)} targets")
+    if all(all(checks) for checks in met.values()):
+        head = f"{ttt} beats {base}, every target met"
+    elif not any(any(checks[:2]) for checks in met.values()):  # neither TTT-side target anywhere
+        head = f"{ttt} does not beat {base} at this scale"
+    else:
+        head = f"{ttt} meets " + ", ".join(
+            f"{'every target' if all(checks) else f'{sum(checks)} of {len(checks)} targets'} on {evaluation}"
+            for evaluation, checks in met.items())
     bar = (f"targets: loss <= {100 * targets['loss_ratio']:.0f}% of {base}'s, recall >= {targets['recall_min']:.0f}%, "
            f"{base} within {targets['baseline_over_chance']:.0f} points of chance")
     return f"{head} ({bar}): " + "; ".join(parts) + "."

@@ -2,7 +2,8 @@
 
 Reads each run folder's `metrics.jsonl` (written by `ttt_train.train`) and draws, against the step
 across stages (`run_step`), the training loss (each logged interval's mean) and the held-out
-validation loss, with the stage boundaries marked, and the learning rate below. A step logged twice
+validation loss (or another validation metric: `--validation val/recall_loss`), with the stage
+boundaries marked, and the learning rate below. A step logged twice
 (a run resumed from an earlier checkpoint, or a stage trained again) keeps its last record. Several
 runs (e.g. In-Place TTT and its baseline) share the axes. Writes RUN_DIR/loss.png (one run) or --out.
 Exit code 0, or 2 with one line naming the folder when a run has nothing to plot.
@@ -24,9 +25,10 @@ class PlotError(ValueError):
     """A run folder without loss records to plot."""
 
 
-def read_curves(run_dir: Path) -> dict:
-    """{"train": [(run_step, loss, stage_name)], "val": [(run_step, loss)], "lr": [(run_step, lr)],
-    "stages": [(first run_step, stage_name)]} of a run folder, sorted by step, last record of each step."""
+def read_curves(run_dir: Path, validation: str = "val/loss") -> dict:
+    """{"train": [(run_step, loss, stage_name)], "val": [(run_step, value of `validation`)], "lr":
+    [(run_step, lr)], "stages": [(first run_step, stage_name)]} of a run folder, sorted by step, last
+    record of each step."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PlotError(f"{run_dir}: no metrics.jsonl (is it a ttt_train.train run folder?)")
@@ -44,7 +46,7 @@ def read_curves(run_dir: Path) -> dict:
         key = (record.get("stage"), record.get("step"))
         if "loss" in record and "run_step" in record:
             train[key] = record
-        if "val/loss" in record and "run_step" in record:
+        if validation in record and "run_step" in record:
             val[key] = record
     if not train and not val:
         raise PlotError(f"{path}: no loss records yet")
@@ -53,7 +55,7 @@ def read_curves(run_dir: Path) -> dict:
     for r in rows:
         stages.setdefault(r.get("stage_name", r.get("stage")), r["run_step"])
     return {"train": [(r["run_step"], r["loss"], r.get("stage_name", r.get("stage"))) for r in rows],
-            "val": sorted((r["run_step"], r["val/loss"]) for r in val.values()),
+            "val": sorted((r["run_step"], r[validation]) for r in val.values()),
             "lr": [(r["run_step"], r["lr"]) for r in rows if "lr" in r],
             "stages": sorted((step, name) for name, step in stages.items())}
 
@@ -69,7 +71,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_runs(runs: dict[str, dict], out: Path, smooth: int = 1) -> None:
+def plot_runs(runs: dict[str, dict], out: Path, smooth: int = 1, validation: str = "val/loss") -> None:
     """Draw `runs` ({label: read_curves(...)}) into PNG `out` (written atomically)."""
     from matplotlib.figure import Figure  # slow to import: only here
 
@@ -84,7 +86,7 @@ def plot_runs(runs: dict[str, dict], out: Path, smooth: int = 1) -> None:
             loss_ax.plot(steps, _smooth(list(losses), smooth), color=color, label=f"{label} train", linewidth=1.2)
         if curves["val"]:
             steps, losses = zip(*curves["val"])
-            loss_ax.plot(steps, losses, color=color, marker="o", linestyle="--", label=f"{label} validation")
+            loss_ax.plot(steps, losses, color=color, marker="o", linestyle="--", label=f"{label} {validation}")
         if curves["lr"]:
             steps, lrs = zip(*curves["lr"])
             lr_ax.plot(steps, lrs, color=color, label=label)
@@ -126,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (run.dir of ttt_train.train)")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/loss.png for one run)")
+    parser.add_argument("--validation", default="val/loss", metavar="KEY",
+                        help="the validation record to draw (default: val/loss; e.g. val/recall_loss)")
     parser.add_argument("--smooth", type=int, default=1, help="moving average of the training loss over this many "
                                                               "logged points (default: 1, none)")
     args = parser.parse_args(argv)
@@ -143,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for run_dir in args.runs:
             label = _label(run_dir)
-            runs[label if label not in runs else str(run_dir)] = read_curves(run_dir)
-        plot_runs(runs, out, args.smooth)
+            runs[label if label not in runs else str(run_dir)] = read_curves(run_dir, args.validation)
+        plot_runs(runs, out, args.smooth, args.validation)
     except (PlotError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED

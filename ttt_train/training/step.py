@@ -58,11 +58,15 @@ def split_for_context_parallel(batch: dict) -> dict:
     """This CP rank's part of a full-sequence batch (megatron's load-balanced shards r and 2*CP-1-r).
 
     Document ids are global (computed on the whole sequence), so fast-weight resets and the
-    context-parallel scan agree across ranks.
+    context-parallel scan agree across ranks. Entries without a sequence dimension (a blend's
+    `dataset_id`, `[B]`) are kept whole.
     """
     from ttt_train.runtime import megatron_compat
 
-    return megatron_compat.batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None})
+    per_sequence = {k: v for k, v in batch.items() if v is not None and v.dim() < 2}
+    split = megatron_compat.batch_on_this_cp_rank(
+        {k: v for k, v in batch.items() if v is not None and v.dim() >= 2})
+    return {**per_sequence, **split}
 
 
 def forward_step(data_iterator: Iterator[dict], model, position_buckets: int = 0):
