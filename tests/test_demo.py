@@ -14,13 +14,13 @@ from ttt_train.demo import stage_metrics, summarise, verdict
 
 SMALL = [
     "data.0.args=[mqar,passkey,copy,--num,300,--length,128,--num-pairs,8,--copy-length,16,--seed,0]",
-    "data.1.args=[mqar,passkey,copy,--num,12,--length,1024,--num-pairs,8,--copy-length,16,--seed,100000]",
-    "data.2.args=[mqar,passkey,copy,--num,6,--length,128,--num-pairs,8,--copy-length,16,--seed,900000]",
+    "data.1.args=[mqar,passkey,copy,--num,50,--length,1024,--num-pairs,8,--copy-length,16,--seed,100000]",
+    "data.2.args=[mqar,passkey,copy,--num,16,--length,128,--num-pairs,8,--copy-length,16,--seed,900000]",
     "data.3.args=[mqar,passkey,copy,--num,3,--length,1024,--num-pairs,8,--copy-length,16,--seed,910000]",
     'train_overrides=["stages.0.tokens=16384","stages.1.tokens=8192","validation.every_steps=2",'
-    '"validation.recall_count=4","stages.1.validation.recall_count=2","logging.interval=1"]',
-    "eval.short=[suite=recall,suite.records=data/recall/heldout128.jsonl,samples=6]",
-    "eval.long=[suite=recall,suite.records=data/recall/heldout1024.jsonl,samples=3]",
+    '"validation.recall_count=16","stages.1.validation.recall_count=4","logging.interval=1"]',
+    'eval.short=["suite=recall","suite.records=data/recall/heldout128.jsonl","samples=6"]',
+    'eval.long=["suite=recall","suite.records=data/recall/heldout1024.jsonl","samples=3"]',
 ]
 
 

@@ -18,6 +18,7 @@ from ttt_train.data.datasets import (
     dataset_fingerprint,
 )
 from ttt_train.data.documents import document_ids_from_position_ids, document_ids_from_tokens
+from ttt_train.data.errors import DataError
 from ttt_train.data.tokenizer import check_model_vocab, load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
@@ -269,3 +270,13 @@ def test_model_vocabulary_is_checked_before_compute(data, tmp_path, byte_tokeniz
         assert "set model.vocab_size >= 258" in message
     with pytest.raises(ValueError, match="model.vocab_size 200 is smaller"):
         build_datasets(config(data, tmp_path), byte_tokenizer, (8, 0, 0), model_vocab_size=200)
+
+
+def test_a_split_share_without_documents_is_refused(data, tmp_path, byte_tokenizer):
+    # 40 documents: the last 1% of them rounds to none (megatron would look for test samples forever, even
+    # with none asked for)
+    cfg = config(data, tmp_path, blend=[{"path": str(data / "a"), "weight": 1.0},
+                                        {"path": str(data / "b"), "weight": 1.0}], split="98,1,1")
+    with pytest.raises(DataError, match=r"data.blend\[0\].path=.*/a: its 40 documents give the test split "
+                                        r"\(data.split='98,1,1': 1%\) no document; add documents or raise"):
+        build_datasets(cfg, byte_tokenizer, num_samples=(8, 0, 0))

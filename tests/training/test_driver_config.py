@@ -47,6 +47,9 @@ def refused(overrides, capsys) -> str:
     (["stages.0.tokens=100"], "stages.0.tokens=100 is less than one step"),
     (["run.world_size=8"], "run.world_size=8 but the launch has 2 ranks"),
     (["ttt.chunk_size=0"], "ttt.chunk_size"),
+    (["validation.recall_records=heldout.jsonl", "validation.recall_count=2"],
+     "stages.0.validation.recall_count=2 is less than one record per micro-batch row on every data-parallel rank "
+     "(micro_batch_size x dp = 2 x 2 = 4); set it to a multiple of 4"),
     # appended keys are checked too, whatever the syntax (Hydra alone would keep them and ignore them)
     (["+optimzer.lr=1e-3"], "unknown config key 'optimzer.lr' (did you mean 'optimizer.lr'?)"),
     (["+trainig.micro_batch_size=8"], "unknown config key 'trainig.micro_batch_size' (did you mean "

@@ -25,6 +25,7 @@ import torch
 
 from ttt_train.config_keys import checked_mapping
 from ttt_train.data import indexed
+from ttt_train.data.errors import DataError
 from ttt_train.data.documents import document_ids_from_tokens
 from ttt_train.data.tokenizer import Tokenizer, check_model_vocab, load_tokenizer
 
@@ -240,8 +241,27 @@ def build_datasets(
         create_attention_mask=False,  # [T, T] masks are unaffordable at long context; attention is causal
         mid_level_dataset_surplus=cfg.mid_level_dataset_surplus,
     )
+    check_split_documents(cfg, config.split_matrix)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
     return tuple(builder.build())
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def check_split_documents(cfg: DataConfig, split_matrix: list) -> None:
+    """Refuse (DataError naming the dataset and the fix) a blend entry whose share of a split holds no
+    document: megatron splits each dataset by documents (rounded) and builds every split with a share,
+    asked for samples or not; an empty one makes it loop forever looking for samples."""
+    for k, entry in enumerate(cfg.blend):
+        documents = len(indexed.open_dataset(entry.path).sequence_lengths)
+        for name, bounds in zip(SPLIT_NAMES, split_matrix):
+            if bounds is None:
+                continue
+            if round(bounds[1] * documents) <= round(bounds[0] * documents):
+                raise DataError(f"data.blend[{k}].path={entry.path}: its {documents} documents give the {name} "
+                                f"split (data.split={cfg.split!r}: {100 * (bounds[1] - bounds[0]):.0f}%) no document; "
+                                f"add documents or raise that share of data.split")
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):

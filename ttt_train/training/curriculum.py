@@ -250,6 +250,11 @@ def resolve_stage(cfg, index: int, world_size: int | None, *, check_files: bool 
         _need(split[1] > 0, f"{where}.data.split={data.split!r} has no validation share but validation.every_steps="
               f"{validation.every_steps}; give the split a second value (e.g. '98,2,0') or set "
               f"validation.every_steps=0")
+    recall_group = dp * micro
+    _need(validation.every_steps <= 0 or validation.recall_records is None or validation.recall_count >= recall_group,
+          f"{where}.validation.recall_count={validation.recall_count} is less than one record per micro-batch row "
+          f"on every data-parallel rank (micro_batch_size x dp = {micro} x {dp} = {recall_group}); set it to a "
+          f"multiple of {recall_group}")
     if validation.every_steps > 0 and validation.recall_records is not None \
             and not Path(validation.recall_records).is_file():
         missing.append(f"{where}.validation.recall_records={validation.recall_records}: no such file; write it with "
