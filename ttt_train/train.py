@@ -127,7 +127,7 @@ def _broadcast(value):
 
 def _wandb_id(stages: list[Stage], start: int, resume: Path | None) -> str | None:
     """The wandb run id stored in the checkpoint this run continues from, if any (rank 0)."""
-    from ttt_train.training.checkpoint import latest_checkpoint, read_checkpoint_info
+    from ttt_train.checkpoint import latest_checkpoint, read_checkpoint_info
 
     source = resume or (latest_checkpoint(stages[start - 1].checkpoints) if start > 0 else None)
     return read_checkpoint_info(source)["metadata"].get("wandb_id") if source is not None else None
@@ -164,8 +164,8 @@ def run(cfg, stages: list[Stage], flags) -> int:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
+    from ttt_train.checkpoint import latest_checkpoint
     from ttt_train.runtime.distributed import init_process_group
-    from ttt_train.training.checkpoint import latest_checkpoint
     from ttt_train.training.loop import RunState, train_stage
     from ttt_train.training.metrics import MetricsWriter, new_wandb_id
     from ttt_train.training.plan import flops_per_token

@@ -14,9 +14,9 @@ import re
 import torch
 import torch.distributed as dist
 
+from ttt_train.checkpoint import load_checkpoint, save_checkpoint
 from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
 from ttt_train.runtime.distributed import ParallelConfig, initialize
-from ttt_train.training.checkpoint import load_checkpoint, save_checkpoint
 from ttt_train.training.setup import DDPConfig, wrap_for_training
 from ttt_train.training.step import run_step
 

@@ -91,7 +91,7 @@ def crash_during_save(root: str) -> dict:
 
     from megatron.core import dist_checkpointing
 
-    from ttt_train.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from ttt_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -124,7 +124,7 @@ def pp_tied_build() -> bool:
 
 
 def checkpoint_save(root: str) -> bool:
-    from ttt_train.training.checkpoint import save_checkpoint
+    from ttt_train.checkpoint import save_checkpoint
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -257,8 +257,8 @@ def _ttt_stats_by_hand(z, v, weight, chunk, lr, tau, doc_ids) -> dict:
 def resume_losses(root: str, layout: dict) -> dict:
     """Train 4 steps straight; and train 2, save model + optimizer, rebuild from scratch with another
     seed, load, train 2 more. Returns both loss lists (they must agree exactly)."""
+    from ttt_train.checkpoint import load_checkpoint, save_checkpoint
     from ttt_train.layers.ttt_config import TTTConfig
-    from ttt_train.training.checkpoint import load_checkpoint, save_checkpoint
 
     def build(seed):
         parallel = ParallelConfig(seed=seed, **layout)

@@ -56,7 +56,7 @@ def _describe_ttt(built: Built):
 
 def save(stage: Stage, built: Built, run: RunState, step: int, *, reason: str) -> None:
     """Checkpoint `step` of `stage` into its folder (collective)."""
-    from ttt_train.training.checkpoint import save_checkpoint
+    from ttt_train.checkpoint import save_checkpoint
 
     gbs = stage.training.global_batch_size
     metadata = {"stage": stage.index, "stage_name": stage.name, "step": step, "run_step": run.run_step_offset + step,

@@ -70,7 +70,7 @@ def selected(cfg, stages=None) -> list[int]:
 
 def _progress(stages) -> list[tuple[int, Path] | None]:
     """(step, path) of each stage's latest checkpoint, or None."""
-    from ttt_train.training.checkpoint import latest_checkpoint, read_checkpoint_info
+    from ttt_train.checkpoint import latest_checkpoint, read_checkpoint_info
 
     found = []
     for stage in stages:
@@ -165,9 +165,9 @@ def _same_samples(held: dict, stages, progress) -> list[tuple]:
     """The held data changes that do not change what trains: `data.blend` / `split` / `seed` when the
     stage's data fingerprint (content, weights, split, seed) is the checkpoint's, `data.tokenizer` when
     the tokenizer's fingerprint is (data or a tokenizer moved to another path)."""
+    from ttt_train.checkpoint import read_checkpoint_info
     from ttt_train.data.datasets import dataset_fingerprint
     from ttt_train.data.tokenizer import load_tokenizer
-    from ttt_train.training.checkpoint import read_checkpoint_info
 
     same = []
     for index, diffs in held.items():
@@ -291,7 +291,7 @@ def plan_start(cfg, stages) -> StartPlan:
 
 
 def _finished(stages, chosen: list[int], progress, everything: bool) -> str:
-    from ttt_train.training.checkpoint import latest_checkpoint
+    from ttt_train.checkpoint import latest_checkpoint
 
     if everything:
         return (f"finished already (all {len(stages)} stages done; final checkpoint "
