@@ -13,7 +13,7 @@ A save writes everything into `iter_XXXXXXX.tmp-<nonce>` and renames it into pla
 every rank has finished. A re-save of an existing step first renames the old folder aside
 (`iter_XXXXXXX.old-<nonce>`), renames the new one in, updates `latest`, then deletes the old
 one, so a crash at any point leaves a loadable checkpoint: `latest_checkpoint` falls back to the
-aside copy when a crash fell between the two renames. Leftover `*.tmp-*` / *.old-*` folders of
+aside copy when a crash fell between the two renames. Leftover `*.tmp-*` / `*.old-*` folders of
 crashed saves are removed by the next successful save.
 
 The manifest (`build_manifest`) records the model, TTT and parallel configuration, the dtype and
@@ -29,16 +29,24 @@ supported"). Without Apex or transformer-engine (torch's Adam, e.g. on a CPU) me
 cannot load distributed-optimizer state (see `sharded.refuse_unsupported_resume` and
 shared/notes/megatron_cpu.md): use the plain optimizer there.
 
+Every file's size and crc32 are recorded in ttt_meta.json; a load verifies them first, and a
+resume falls back to the newest intact checkpoint (`recovery`). A save that fails on any rank (a
+full disk) raises CheckpointSaveError on every rank and publishes nothing.
+
 Modules: `format` (the folder layout, `latest`, reading a checkpoint's description), `manifest`
-(what it was trained with), `sharded` (every call into megatron's dist_checkpointing), `save`,
-`load`. This package sits below `models` and `training`: HF conversion and the training driver
+(what it was trained with), `integrity` (file sizes and checksums), `recovery` (the checkpoint to
+resume from), `sharded` (every call into megatron's dist_checkpointing), `save`, `load`, `ranks`
+(the collectives they need). This package sits below `models` and `training`: HF conversion and the training driver
 both use it.
 """
 
 from ttt_train.checkpoint.format import LATEST, META, checkpoint_name, latest_checkpoint, read_checkpoint_info
+from ttt_train.checkpoint.integrity import CheckpointDamaged
 from ttt_train.checkpoint.load import load_checkpoint, load_rank_state
 from ttt_train.checkpoint.manifest import build_manifest, manifest_differences, tokenizer_manifest
-from ttt_train.checkpoint.save import save_checkpoint
+from ttt_train.checkpoint.recovery import newest_intact, recover_latest
+from ttt_train.checkpoint.save import CheckpointSaveError, save_checkpoint
 
-__all__ = ["LATEST", "META", "build_manifest", "checkpoint_name", "latest_checkpoint", "load_checkpoint",
-           "load_rank_state", "manifest_differences", "read_checkpoint_info", "save_checkpoint", "tokenizer_manifest"]
+__all__ = ["LATEST", "META", "CheckpointDamaged", "CheckpointSaveError", "build_manifest", "checkpoint_name",
+           "latest_checkpoint", "load_checkpoint", "load_rank_state", "manifest_differences", "newest_intact",
+           "read_checkpoint_info", "recover_latest", "save_checkpoint", "tokenizer_manifest"]

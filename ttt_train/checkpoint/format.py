@@ -16,7 +16,7 @@ from ttt_train.runtime import megatron_compat
 LATEST = "latest"
 META = "ttt_meta.json"
 RANK_STATES = "rank_states"
-FORMAT = 2
+FORMAT = 3  # 3: ttt_meta.json records every file's size and crc32 (`integrity`)
 _NO_FOLDER = "the folder itself"
 
 

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from ttt_train.checkpoint import ranks, sharded
+from ttt_train.checkpoint import integrity, ranks, sharded
 from ttt_train.checkpoint.format import rank_state_file, read_checkpoint_info, read_meta, resolve
 from ttt_train.checkpoint.manifest import manifest_differences
 
@@ -57,13 +57,18 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None, *, st
                     expect_manifest: dict | None = None) -> dict:
     """Load a checkpoint (an iter_* folder or a root with `latest`) into `model_chunks` (and `optimizer`).
 
-    Collective. Works across TP/PP/DP layouts. Returns `read_checkpoint_info(path)`.
+    Collective. Works across TP/PP/DP layouts. Returns `read_checkpoint_info(path)`. The files are
+    verified first (sizes and checksums, `integrity.verify`): CheckpointDamaged names what is wrong.
     strict: refuse (ValueError naming them) checkpoint tensors the model lacks, model tensors the
     checkpoint lacks and tensors of another global shape. strict=False loads the tensors both have
     (e.g. a plain checkpoint into a TTT model: the TTT tensors keep their initialisation); shapes
     and the optimizer's tensors must still match. `expect_manifest`: see `manifest_differences`.
     """
     path = resolve(path)
+    problems = integrity.verify(path)
+    if problems:
+        raise integrity.CheckpointDamaged(f"checkpoint {path} is damaged: {', '.join(problems)}; load an older "
+                                          f"iter_* folder of {path.parent} or restore the files")
     info = read_checkpoint_info(path)
     if expect_manifest is not None:
         diffs = manifest_differences(info["manifest"], expect_manifest)

@@ -96,3 +96,50 @@ def load_into_models(model_chunks, loaded: dict, strict: bool) -> None:
 
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
+
+
+def state_bytes(state: dict) -> int:
+    """Collective: bytes of tensor data the checkpoint of `state` writes (main replicas of every
+    rank, the tensor files' payload: an estimate of its size before it is written)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    local = 0
+    for item in nested_values(state):
+        if isinstance(item, ShardedTensor) and item.data is not None and _is_main_replica(item.replica_id):
+            local += item.data.numel() * item.data.element_size()
+    return sum(ranks.gather(local))
+
+
+def _is_main_replica(replica_id) -> bool:
+    return all(r == 0 for r in replica_id) if isinstance(replica_id, tuple) else replica_id == 0
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed `save` raises: any Exception, and torch's CheckpointException (a BaseException
+    raised on every rank when a writer process of any rank failed)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return Exception, CheckpointException
+
+
+def failure_cause(err: BaseException) -> str:
+    """One line for a failed save or load: the innermost OSError's text when there is one (e.g.
+    "[Errno 28] No space left on device: 'path'"), else the exception's first line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def chain(exc):
+        while exc is not None:
+            yield exc
+            if isinstance(exc, CheckpointException):
+                for inner, _ in exc.failures.values():
+                    yield from chain(inner)
+            exc = exc.__cause__ or exc.__context__
+
+    found = list(chain(err))
+    for exc in found:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return str(exc)
+    lines = [str(exc).strip().splitlines() for exc in found if str(exc).strip()]
+    head = lines[-1][0] if lines else ""
+    return f"{type(found[-1]).__name__}: {head}" if head else type(found[-1]).__name__
