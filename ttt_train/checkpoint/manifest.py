@@ -29,25 +29,27 @@ def tokenizer_manifest(tokenizer) -> dict | None:
 
 
 def build_manifest(model_cfg, ttt_cfg, parallel, dtype: str = "fp32", tokenizer=None,
-                   data_fingerprint: str | None = None) -> dict:
+                   data_fingerprint: str | None = None, datasets: dict[str, str] | None = None) -> dict:
     """What a checkpoint was trained with: model / TTT / parallel config (as dicts), dtype, tokenizer, data.
 
     `ttt_cfg` None (or disabled) records a model without TTT; `tokenizer` is a `Tokenizer` or its
-    manifest dict.
+    manifest dict. `datasets`: {dataset prefix: content identity} of the data it trains on.
     """
     ttt = _as_dict(ttt_cfg)
     if ttt is not None and not ttt.get("enabled", True):
         ttt = None
     return {"model": _as_dict(model_cfg), "ttt": ttt, "parallel": _as_dict(parallel), "dtype": dtype,
-            "tokenizer": tokenizer_manifest(tokenizer), "data_fingerprint": data_fingerprint}
+            "tokenizer": tokenizer_manifest(tokenizer), "data_fingerprint": data_fingerprint, "datasets": datasets}
 
 
 def manifest_differences(stored: dict | None, expected: dict) -> list[str]:
-    """'section.key: checkpoint X, expected Y' for every model / TTT / tokenizer difference.
+    """'section.key: checkpoint X, expected Y' for every model / TTT / tokenizer difference, and
+    every dataset both name whose content changed since the checkpoint was saved.
 
     Only the sections (and, inside `model` and `ttt`, the keys) present in `expected` are compared,
     so a caller can leave out what it means to change (e.g. `model.yarn` at a stage hand-off).
-    The parallel layout, dtype and data fingerprint are never compared (loading reshards).
+    The parallel layout, dtype and data fingerprint are never compared (loading reshards; a
+    resume may change the blend), nor are datasets only one of them names.
     """
     if stored is None:
         return ["manifest: the checkpoint has none (saved without manifest=)"]
@@ -72,4 +74,10 @@ def manifest_differences(stored: dict | None, expected: dict) -> list[str]:
         if want_tok["fingerprint"] != have_tok["fingerprint"]:
             diffs.append(f"tokenizer: checkpoint {have_tok['spec']} (fingerprint {have_tok['fingerprint']}), "
                          f"expected {want_tok['spec']} (fingerprint {want_tok['fingerprint']})")
+    have_data, want_data = stored.get("datasets") or {}, expected.get("datasets") or {}
+    for prefix in sorted(set(have_data) & set(want_data)):
+        if have_data[prefix] != want_data[prefix]:
+            diffs.append(f"data: dataset {prefix} (.bin/.idx) changed since the checkpoint was saved (identity "
+                         f"{have_data[prefix][:12]}, now {want_data[prefix][:12]}); put the original files back, "
+                         f"or train on the new data in a new run folder")
     return diffs

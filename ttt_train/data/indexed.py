@@ -14,6 +14,7 @@ import gc
 import hashlib
 import json
 import os
+import struct
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -90,9 +91,42 @@ def atomic_outputs(prefix: str) -> Iterator[str]:
 
 
 def open_dataset(prefix: str) -> IndexedDataset:
-    """Open `prefix`, refusing with the missing path named when it is absent."""
+    """Open `prefix`, refusing (DataError naming the file) a missing file, an unreadable .idx, and a
+    .bin whose size is not the one its .idx describes (`check_index`)."""
     _require_files(prefix)
-    return IndexedDataset(prefix)
+    try:
+        dataset = IndexedDataset(prefix)
+    except (AssertionError, ValueError, OSError, struct.error) as err:
+        if os.path.getsize(prefix + ".bin") == 0:
+            problem = f"{prefix}.bin is empty"
+        else:
+            problem = f"{prefix}.idx is not a readable megatron index ({err or type(err).__name__})"
+        raise DataError(f"indexed dataset {prefix!r}: {problem}; rebuild the dataset") from err
+    check_index(prefix, dataset)
+    return dataset
+
+
+def check_index(prefix: str, dataset: IndexedDataset) -> None:
+    """Refuse (DataError naming the file) a .bin that is not the file its .idx describes: its size
+    must be the end of the last sequence (a truncated or grown .bin, or an .idx of another dataset,
+    fails), and the document boundaries must end at the last sequence. Reads no tokens."""
+    index = dataset.index
+    count = len(index)
+    expected = 0 if count == 0 else int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        cause = "truncated" if actual < expected else "longer than its index says"
+        raise DataError(
+            f"indexed dataset {prefix!r}: {prefix}.bin has {actual} bytes but {prefix}.idx describes {expected} "
+            f"({count} sequences, {expected // index.dtype_size} tokens): the .bin is {cause}, or the two files "
+            f"belong to different datasets; rebuild the dataset"
+        )
+    documents = index.document_indices
+    if documents.size == 0 or int(documents[0]) != 0 or int(documents[-1]) != count:
+        raise DataError(
+            f"indexed dataset {prefix!r}: {prefix}.idx is inconsistent (its document boundaries do not cover its "
+            f"{count} sequences); rebuild the dataset"
+        )
 
 
 def _require_files(prefix: str) -> None:
@@ -162,16 +196,37 @@ def sidecar_tokenizer(prefix: str, meta: dict | None) -> str | None:
 
 def dataset_identity(prefix: str) -> str:
     """sha256 identifying PREFIX's data whatever its path or mtime: of the .idx bytes (every
-    document length and boundary: all megatron's indices depend on), the .bin size, and the tokenizer
-    fingerprint of the sidecar. Rebuilding a dataset in place changes it."""
+    document length and boundary: all megatron's indices depend on), the .bin size and a sample of
+    its content (`_bin_sample_sha256`), and the tokenizer fingerprint of the sidecar. Rebuilding or
+    replacing a dataset in place changes it."""
     _require_files(prefix)
     meta = read_sidecar(prefix) or {}
     parts = [
         _file_sha256(prefix + ".idx", *_stat_key(prefix + ".idx")),
         str(os.path.getsize(prefix + ".bin")),
+        _bin_sample_sha256(prefix + ".bin", *_stat_key(prefix + ".bin")),
         str(meta.get("tokenizer_fingerprint")),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 1 << 16
+
+
+@functools.lru_cache(maxsize=256)
+def _bin_sample_sha256(path: str, *stat_key) -> str:
+    """sha256 of 64 blocks of 64 KiB at evenly spaced offsets of the file (the whole file when it is
+    smaller than 4 MiB): a few MiB read whatever the size, which catches a .bin replaced by another
+    of the same size. Cached per process by `stat_key`."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _SAMPLE_BYTES:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLE_BLOCKS - 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def _stat_key(path: str) -> tuple[str, int, int, int, int]:
@@ -201,14 +256,34 @@ def max_token_id(dataset: IndexedDataset, prefix: str, progress: bool = False) -
     return max((int(tokens[i : i + _SCAN_CHUNK].max()) for i in starts), default=-1)
 
 
-def sequences_without_eod(dataset: IndexedDataset, prefix: str, eod_id: int) -> numpy.ndarray:
-    """Indices of the sequences whose last token is not `eod_id` (empty sequences included)."""
-    lengths = dataset.sequence_lengths.astype(numpy.int64)
-    last = dataset.index.sequence_pointers // dataset.index.dtype_size + lengths - 1
+def sequences_without_eod(dataset: IndexedDataset, prefix: str, eod_id: int,
+                          sequences: numpy.ndarray | None = None) -> numpy.ndarray:
+    """Indices of the sequences (all, or those in `sequences`) whose last token is not `eod_id`
+    (empty sequences included)."""
+    chosen = numpy.arange(len(dataset)) if sequences is None else numpy.asarray(sequences, dtype=numpy.int64)
+    lengths = dataset.sequence_lengths[chosen].astype(numpy.int64)
+    last = dataset.index.sequence_pointers[chosen] // dataset.index.dtype_size + lengths - 1
     nonempty = lengths > 0
     ok = numpy.zeros(lengths.size, dtype=bool)
     ok[nonempty] = tokens_array(dataset, prefix)[last[nonempty]] == eod_id
-    return numpy.flatnonzero(~ok)
+    return chosen[~ok]
+
+
+def _spot_check_eod(dataset: IndexedDataset, prefix: str, eod_id: int, samples: int = 1024) -> None:
+    """Refuse a .bin whose sequences, at up to `samples` evenly spaced ones (the last included), do
+    not end with EOD although the sidecar says every document does: its tokens are not those its
+    .idx indexes (replaced or corrupted). One token read per sample."""
+    count = len(dataset)
+    if count == 0:
+        return
+    chosen = numpy.unique(numpy.linspace(0, count - 1, num=min(samples, count)).astype(numpy.int64))
+    bad = sequences_without_eod(dataset, prefix, eod_id, chosen)
+    if bad.size:
+        raise DataError(
+            f"dataset {prefix!r}: {bad.size} of {chosen.size} sampled sequences (e.g. #{int(bad[0])}) do not end "
+            f"with EOD id {eod_id}, although {sidecar_path(prefix)} says every document does: {prefix}.bin does "
+            f"not hold the tokens {prefix}.idx indexes (replaced or corrupted); rebuild the dataset"
+        )
 
 
 def largest_token_id(prefix: str) -> int:
@@ -266,7 +341,10 @@ def check_against_tokenizer(prefix: str, tokenizer: Tokenizer, require_eod: bool
             f"dataset {prefix!r}: built with EOD id {meta['eod_id']} but tokenizer {tokenizer.name!r} "
             f"has EOD id {tokenizer.eod_id}; pass the EOD token it was built with"
         )
-    if not require_eod or meta.get("eod_delimited"):
+    if meta.get("eod_delimited"):
+        _spot_check_eod(dataset, prefix, tokenizer.eod_id)
+        return
+    if not require_eod:
         return
     missing = sequences_without_eod(dataset, prefix, tokenizer.eod_id)
     if meta.get("eod_delimited") is False or missing.size:
