@@ -159,22 +159,62 @@ def _expected_failures() -> tuple:
 def run(cfg, stages: list[Stage], flags) -> int:
     """Train the stages this launch plans (collective); return the exit code. `flags`: the StopFlags
     installed as early as possible (a signal during set-up then stops the run at its first step)."""
+    import torch.distributed as dist
+
+    from ttt_train.runtime.distributed import init_process_group
+
+    init_process_group()
+    rank = dist.get_rank()
+    run_dir = Path(cfg.run.dir)
+    lock = _lock_run_folder(run_dir, cfg.run.lock_timeout_minutes, rank)
+    if lock is False:
+        return EXIT_REFUSED
+    try:
+        return _run(cfg, stages, flags, rank, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_folder(run_dir: Path, timeout_minutes: float, rank: int):
+    """Collective: rank 0 takes the run folder's lock (its RunLock; None on other ranks); False on
+    every rank, after rank 0 printed why, when another live run holds it."""
+    from ttt_train.runtime.run_lock import RunFolderLocked, RunLock
+
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir, timeout_minutes * 60)
+        except RunFolderLocked as err:
+            error = str(err)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        if lock is not None and lock.taken_over:
+            print(f"warning: {lock.taken_over}", file=sys.stderr, flush=True)
+    return False if _broadcast(error) else lock
+
+
+def _run(cfg, stages: list[Stage], flags, rank: int, run_dir: Path) -> int:
+    """`run` once the run folder is this run's."""
     import traceback
 
-    import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from ttt_train.checkpoint import latest_checkpoint
-    from ttt_train.runtime.distributed import init_process_group
+    from ttt_train.checkpoint import CheckpointDamaged, CheckpointSaveError, latest_checkpoint, recover_latest
     from ttt_train.training.loop import RunState, train_stage
     from ttt_train.training.metrics import MetricsWriter, new_wandb_id
     from ttt_train.training.plan import flops_per_token
     from ttt_train.training.stage_setup import build, load_start
     from ttt_train.training.start import CONFIG, move_aside
 
-    init_process_group()
-    rank = dist.get_rank()
-    run_dir = Path(cfg.run.dir)
+    try:  # a damaged newest checkpoint: fall back to the newest intact one before anything is read
+        notes = recover_latest([stage.checkpoints for stage in stages])
+    except CheckpointDamaged as err:
+        if rank == 0:
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            _write_status(run_dir, state="failed", exit_code=EXIT_FAILED, error=one_line(err))
+        return EXIT_FAILED
+    for note in notes if rank == 0 else []:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     planned = _broadcast(_plan(cfg, stages) if rank == 0 else None)
     if isinstance(planned[0], int):  # refused, or the run folder is unreadable: every rank stops
         code, message = planned
@@ -233,6 +273,10 @@ def run(cfg, stages: list[Stage], flags) -> int:
                 writer.print(f"{cfg.run.name}: finished all {len(stages)} stages; run folder {run_dir}")
     except ConfigError as err:
         code, state, error = EXIT_REFUSED, "refused", one_line(err)
+    except CheckpointSaveError as err:
+        code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
+        error += ("; free space there and rerun the same command, or set checkpoint.on_save_error=retry to "
+                  "train on through failed periodic saves") if err.disk_full else "; rerun the same command"
     except _expected_failures() as err:
         code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
     except KeyboardInterrupt:
@@ -283,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED
+    from ttt_train.runtime.parent_watch import launched_by_torchrun, stop_with_parent
+
+    if launched_by_torchrun():  # killing only torchrun must not leave this worker training
+        stop_with_parent()
     try:
         return run(cfg, stages, flags)
     finally:

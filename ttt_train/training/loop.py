@@ -55,16 +55,25 @@ def _describe_ttt(built: Built):
 
 
 def save(stage: Stage, built: Built, run: RunState, step: int, *, reason: str) -> None:
-    """Checkpoint `step` of `stage` into its folder (collective)."""
-    from ttt_train.checkpoint import save_checkpoint
+    """Checkpoint `step` of `stage` into its folder (collective). A failed periodic save with
+    `checkpoint.on_save_error=retry` is reported and training goes on (the next interval retries);
+    any other failed save raises CheckpointSaveError (the same on every rank)."""
+    from ttt_train.checkpoint import CheckpointSaveError, save_checkpoint
 
     gbs = stage.training.global_batch_size
     metadata = {"stage": stage.index, "stage_name": stage.name, "step": step, "run_step": run.run_step_offset + step,
                 "consumed_samples": step * gbs, "consumed_tokens": step * gbs * stage.seq_length,
                 "scheduler": built.scheduler.state_dict(), "wandb_id": run.wandb_id, "reason": reason,
                 "stage_complete": step >= stage.steps}
-    path = save_checkpoint(stage.checkpoints, step, built.chunks, built.optimizer, metadata,
-                           manifest=built.manifest, rank_state=rank_state(), keep_last=run.cfg.checkpoint.keep_last)
+    try:
+        path = save_checkpoint(stage.checkpoints, step, built.chunks, built.optimizer, metadata,
+                               manifest=built.manifest, rank_state=rank_state(), keep_last=run.cfg.checkpoint.keep_last)
+    except CheckpointSaveError as err:
+        run.flags.saved()  # the next try comes at the next interval, not at the next step
+        if reason != "periodic" or run.cfg.checkpoint.on_save_error != "retry":
+            raise
+        run.writer.print(f"warning: {err}; training on (checkpoint.on_save_error=retry), next try at the next interval")
+        return
     run.flags.saved()
     run.writer.print(f"saved {path} ({reason})")
 

@@ -30,6 +30,7 @@ def build(stage: Stage) -> Built:
     """Initialise the stage's layout and build its model, optimizer, schedule and datasets (collective)."""
     from ttt_train.checkpoint import build_manifest
     from ttt_train.data.datasets import build_datasets, dataset_fingerprint
+    from ttt_train.data.indexed import dataset_identity
     from ttt_train.data.tokenizer import load_tokenizer
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.runtime.distributed import initialize
@@ -50,7 +51,8 @@ def build(stage: Stage) -> Built:
                                 use_distributed_optimizer=stage.ddp.use_distributed_optimizer)
     scheduler = build_scheduler(optimizer, stage.schedule, stage.optimizer, stage.steps)
     manifest = build_manifest(stage.model, stage.ttt, stage.parallel, t.dtype, tokenizer=tokenizer,
-                              data_fingerprint=dataset_fingerprint(stage.data))
+                              data_fingerprint=dataset_fingerprint(stage.data),
+                              datasets={e.path: dataset_identity(e.path) for e in stage.data.blend})
     return Built(chunks, optimizer, scheduler, tokenizer, ttt_layers(chunks), train_set,
                  valid_set if valid_samples else None, manifest, recall_rows(stage, validation, tokenizer, dp))
 
