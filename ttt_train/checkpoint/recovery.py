@@ -66,7 +66,8 @@ def _set_aside(root: Path, damaged: list[tuple[str, list[str]]], chosen: str) ->
             aside = f"{name}.damaged-{uuid.uuid4().hex[:8]}"
             os.replace(root / name, root / aside)
             note = f"moved aside to {aside}"
-        lost = f" ({step_of(name) - step_of(chosen)} steps to redo)" if step_of(name) and step_of(chosen) else ""
+        redo = step_of(name) - step_of(chosen) if step_of(name) and step_of(chosen) is not None else 0
+        lost = f" ({redo} step{'s' if redo != 1 else ''} to redo)" if redo > 0 else ""
         warnings.append(f"checkpoint {root / name} is damaged: {', '.join(problems)}; {note}; resuming from "
                         f"{chosen} instead{lost}")
     write_atomic(root / LATEST, chosen + "\n")

@@ -125,7 +125,10 @@ def write_errors() -> tuple[type[BaseException], ...]:
 
 def failure_cause(err: BaseException) -> str:
     """One line for a failed save or load: the innermost OSError's text when there is one (e.g.
-    "[Errno 28] No space left on device: 'path'"), else the exception's first line."""
+    "[Errno 28] No space left on device: 'path'", also when a writer process's OSError reached this
+    rank as text), else the innermost exception's first line."""
+    import re
+
     from torch.distributed.checkpoint.api import CheckpointException
 
     def chain(exc):
@@ -140,6 +143,10 @@ def failure_cause(err: BaseException) -> str:
     for exc in found:
         if isinstance(exc, OSError) and exc.errno is not None:
             return str(exc)
+    for exc in reversed(found):
+        match = re.search(r"\[Errno \d+\][^\n]*", str(exc) if not isinstance(exc, CheckpointException) else "")
+        if match:
+            return match.group(0)
     lines = [str(exc).strip().splitlines() for exc in found if str(exc).strip()]
     head = lines[-1][0] if lines else ""
     return f"{type(found[-1]).__name__}: {head}" if head else type(found[-1]).__name__

@@ -24,7 +24,12 @@ from tqdm import tqdm
 
 with warnings.catch_warnings():  # importing megatron.core warns that TE/Apex are absent: expected here
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import (
+        _INDEX_HEADER,
+        DType,
+        IndexedDataset,
+        IndexedDatasetBuilder,
+    )
 
 from ttt_train.data.errors import DataError, DataFileNotFoundError
 from ttt_train.data.tokenizer import Tokenizer
@@ -92,41 +97,58 @@ def atomic_outputs(prefix: str) -> Iterator[str]:
 
 def open_dataset(prefix: str) -> IndexedDataset:
     """Open `prefix`, refusing (DataError naming the file) a missing file, an unreadable .idx, and a
-    .bin whose size is not the one its .idx describes (`check_index`)."""
+    .bin that is not the file its .idx describes (`check_index`)."""
     _require_files(prefix)
-    try:
-        dataset = IndexedDataset(prefix)
-    except (AssertionError, ValueError, OSError, struct.error) as err:
-        if os.path.getsize(prefix + ".bin") == 0:
-            problem = f"{prefix}.bin is empty"
-        else:
-            problem = f"{prefix}.idx is not a readable megatron index ({err or type(err).__name__})"
-        raise DataError(f"indexed dataset {prefix!r}: {problem}; rebuild the dataset") from err
-    check_index(prefix, dataset)
-    return dataset
+    check_index(prefix)
+    return IndexedDataset(prefix)
 
 
-def check_index(prefix: str, dataset: IndexedDataset) -> None:
-    """Refuse (DataError naming the file) a .bin that is not the file its .idx describes: its size
-    must be the end of the last sequence (a truncated or grown .bin, or an .idx of another dataset,
-    fails), and the document boundaries must end at the last sequence. Reads no tokens."""
-    index = dataset.index
-    count = len(index)
-    expected = 0 if count == 0 else int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-    actual = os.path.getsize(prefix + ".bin")
+_HEADER = 34  # magic (9), version (8), dtype code (1), sequence count (8), document count (8)
+
+
+def check_index(prefix: str) -> None:
+    """Refuse (DataError naming the file) an .idx that is not a readable megatron index (version 1),
+    or a .bin that is not the file it describes: the .bin's size must be the end of the last
+    sequence (a truncated or grown .bin, or an .idx of another dataset, fails) and the document
+    boundaries must cover every sequence. Reads the header and a few numbers of the .idx only."""
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    size = os.path.getsize(idx)
+
+    def unreadable(problem: str) -> DataError:
+        return DataError(f"indexed dataset {prefix!r}: {idx} is not a readable megatron index ({problem}); "
+                         f"rebuild the dataset")
+
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER)
+        if len(head) < _HEADER or head[:9] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+            raise unreadable("no version-1 index header")
+        count, documents = struct.unpack("<QQ", head[18:34])
+        try:
+            dtype_size = DType.size(DType.dtype_from_code(head[17]))
+        except (KeyError, ValueError) as err:
+            raise unreadable(f"unknown token dtype code {head[17]}") from err
+        if size < _HEADER + 12 * count + 8 * documents:
+            raise unreadable(f"{size} bytes, its header describes {_HEADER + 12 * count + 8 * documents}: truncated")
+
+        def number(offset: int, fmt: str) -> int:
+            f.seek(offset)
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        expected = 0 if count == 0 else \
+            number(_HEADER + 12 * count - 8, "<q") + number(_HEADER + 4 * (count - 1), "<i") * dtype_size
+        bounds = (number(_HEADER + 12 * count, "<q"), number(_HEADER + 12 * count + 8 * (documents - 1), "<q")) \
+            if documents else None
+    actual = os.path.getsize(bin_path)
     if actual != expected:
         cause = "truncated" if actual < expected else "longer than its index says"
         raise DataError(
-            f"indexed dataset {prefix!r}: {prefix}.bin has {actual} bytes but {prefix}.idx describes {expected} "
-            f"({count} sequences, {expected // index.dtype_size} tokens): the .bin is {cause}, or the two files "
-            f"belong to different datasets; rebuild the dataset"
+            f"indexed dataset {prefix!r}: {bin_path} has {actual} bytes but {idx} describes {expected} "
+            f"({count} sequences, {expected // dtype_size} tokens): the .bin is {cause}, or the two files belong "
+            f"to different datasets; rebuild the dataset"
         )
-    documents = index.document_indices
-    if documents.size == 0 or int(documents[0]) != 0 or int(documents[-1]) != count:
-        raise DataError(
-            f"indexed dataset {prefix!r}: {prefix}.idx is inconsistent (its document boundaries do not cover its "
-            f"{count} sequences); rebuild the dataset"
-        )
+    if bounds != (0, count):
+        raise DataError(f"indexed dataset {prefix!r}: {idx} is inconsistent (its document boundaries do not cover "
+                        f"its {count} sequences); rebuild the dataset")
 
 
 def _require_files(prefix: str) -> None:
