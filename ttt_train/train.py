@@ -185,9 +185,9 @@ def _lock_run_folder(run_dir: Path, timeout_minutes: float, rank: int):
     if rank == 0:
         try:
             lock = RunLock(run_dir, timeout_minutes * 60)
-        except RunFolderLocked as err:
-            error = str(err)
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        except (RunFolderLocked, OSError) as err:
+            error = str(err) if isinstance(err, RunFolderLocked) else f"cannot lock run folder {run_dir}: {err}"
+            print(f"error: {error}", file=sys.stderr, flush=True)
         if lock is not None and lock.taken_over:
             print(f"warning: {lock.taken_over}", file=sys.stderr, flush=True)
     return False if _broadcast(error) else lock

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,33 +29,9 @@ def checkpoints(run_dir: Path) -> Path:
     return run_dir / "stages" / "0_ctx1k" / "checkpoints"
 
 
-def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    """torchrun (2 ranks) of the driver in a session of its own, output to a pipe."""
-    from ttt_train.runtime.local_ranks import free_port
-
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "ttt_train.train", *args]
-    return subprocess.Popen(command, cwd=h.ROOT, env={**h.env(), **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
 def injected(spec: str) -> dict:
     """Environment that makes the ranks' checkpoint writers fail with ENOSPC (see inject/sitecustomize.py)."""
     return {"PYTHONPATH": f"{INJECT}{os.pathsep}{h.ROOT}", "TTT_FAULT_ENOSPC": spec}
-
-
-def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        h.kill_tree(proc.pid)
-        out, _ = proc.communicate()
-        raise AssertionError("driver timed out:\n" + out[-4000:]) from None
-    return proc.returncode, out
-
-
-def run(args: list[str], env: dict | None = None, timeout: float = 400) -> tuple[int, str]:
-    return finish(start(args, env), timeout)
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 400) -> None:

@@ -104,7 +104,8 @@ def results(tmp_path_factory):
 
 
 def test_every_rank_reaches_the_same_decision(results):
-    assert results[0] == results[1]
+    decided = [{k: v for k, v in r.items() if not k.endswith("/file")} for r in results]  # rank 0 damaged them
+    assert decided[0] == decided[1] and len(decided[0]) == 2 + 3 * len(KINDS) + 2
 
 
 def test_sizes_and_checksums_of_every_file_are_recorded(results):

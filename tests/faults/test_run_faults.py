@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    code, out = f.run(f.overrides(run_dir, data))
+    code, out = h.run_to_end(f.overrides(run_dir, data))
     assert code == 0, out[-4000:]
     return run_dir
 
@@ -36,13 +36,13 @@ def test_truncated_shard_of_the_latest_checkpoint_falls_back_to_the_previous(ref
     """Issue 24's case: kill -9 after step 15's checkpoint, one shard of iter_0000015 cut in half."""
     run_dir = tmp_path / "run"
     args = f.overrides(run_dir, data)
-    proc = f.start(args)
+    proc = h.torchrun(args)
     f.wait_for(proc, f.latest_is(run_dir, "iter_0000015"))
     h.kill_tree(proc.pid)
     proc.communicate()
     shard = max((f.checkpoints(run_dir) / "iter_0000015").glob("*.distcp"), key=lambda p: p.stat().st_size)
     os.truncate(shard, shard.stat().st_size // 2)
-    code, out = f.run(args)
+    code, out = h.run_to_end(args)
     assert code == 0, out[-4000:]
     assert f"checkpoint {shard.parent} is damaged: {shard.name} has" in out and "(truncated)" in out, out[-4000:]
     assert "resuming from iter_0000010 instead (5 steps to redo)" in out
@@ -60,7 +60,7 @@ def test_killing_only_torchrun_stops_its_workers(reference, data, tmp_path):
     continues exactly."""
     run_dir = tmp_path / "run"
     args = f.overrides(run_dir, data)
-    proc = f.start(args)
+    proc = h.torchrun(args)
     f.wait_for(proc, lambda: any(r.get("step") == 7 for r in h.records(run_dir)))
     workers = psutil.Process(proc.pid).children(recursive=True)
     killed = time.monotonic()
@@ -74,7 +74,7 @@ def test_killing_only_torchrun_stops_its_workers(reference, data, tmp_path):
     assert stopped_at == {"state": "preempted", "exit_code": 75}
     assert not (run_dir / "run.lock").exists()
     saved = [r["step"] for r in h.records(run_dir) if "step" in r]
-    code, out = f.run(args)
+    code, out = h.run_to_end(args)
     assert code == 0, out[-4000:]
     assert f"resumed at step {max(saved)}" in out
     f.assert_same_run(run_dir, reference)
@@ -85,18 +85,19 @@ def test_killing_only_torchrun_stops_its_workers(reference, data, tmp_path):
 def test_a_second_start_in_a_live_run_folder_is_refused_by_name(data, tmp_path):
     run_dir = tmp_path / "run"
     args = f.overrides(run_dir, data, f"stages.0.tokens={1000 * 4 * f.SEQ}")  # 1000 steps: alive throughout
-    proc = f.start(args)
+    proc = h.torchrun(args)
     try:
         f.wait_for(proc, lambda: bool(h.records(run_dir)))
         owner = json.loads((run_dir / "run.lock").read_text())
-        code, out = f.run(args)
+        code, out = h.run_to_end(args)
         assert code != 0 and proc.poll() is None, out[-3000:]  # refused; the first run goes on
         assert f"error: run folder {run_dir} is in use by pid {owner['pid']} on {owner['host']}" in out, out[-3000:]
         assert json.loads((run_dir / "run.lock").read_text()) == owner
     finally:
         proc.send_signal(signal.SIGTERM)
-        code, out = f.finish(proc)
-    assert code == 75, out[-3000:]
+        code, out = h.finish(proc)
+    # the workers saved and exited 75 (plain torchrun itself exits 1 on SIGTERM)
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "preempted", "exit_code": 75}, out[-3000:]
     assert not (run_dir / "run.lock").exists()
 
 
@@ -118,7 +119,7 @@ def test_disk_full_during_a_save_stops_and_keeps_the_previous_checkpoint(referen
     try:
         env = None if mounted else f.injected("iter_0000015.tmp:0,1")
         start = time.monotonic()
-        code, out = f.run(f.overrides(run_dir, data), env)
+        code, out = h.run_to_end(f.overrides(run_dir, data), extra_env=env)
         elapsed = time.monotonic() - start
         assert code == 1, out[-4000:]
         errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -133,7 +134,7 @@ def test_disk_full_during_a_save_stops_and_keeps_the_previous_checkpoint(referen
         assert status["state"] == "failed" and "not saved (disk full" in status["error"]
         if mounted:  # room made: the same command continues
             subprocess.run(["mount", "-o", "remount,size=40m", str(root)], check=True)
-        code, out = f.run(f.overrides(run_dir, data))
+        code, out = h.run_to_end(f.overrides(run_dir, data))
         assert code == 0, out[-4000:]
         assert "resumed at step 10" in out
         f.assert_same_run(run_dir, reference)
@@ -148,10 +149,11 @@ def test_a_failed_periodic_save_with_retry_trains_on(reference, data, tmp_path):
     """ENOSPC in rank 0's checkpoint writer at step 10's save, checkpoint.on_save_error=retry: the
     run warns, trains on, saves at step 15; nothing is lost."""
     run_dir = tmp_path / "run"
-    code, out = f.run(f.overrides(run_dir, data, "checkpoint.on_save_error=retry"), f.injected("iter_0000010.tmp:0"))
+    code, out = h.run_to_end(f.overrides(run_dir, data, "checkpoint.on_save_error=retry"),
+                             extra_env=f.injected("iter_0000010.tmp:0"))
     assert code == 0, out[-4000:]
     warnings = [line for line in out.splitlines() if "training on (checkpoint.on_save_error=retry)" in line]
-    assert len(warnings) == 1 and "iter_0000010 not saved (disk full: [Errno 28] No space left on device" in \
+    assert len(warnings) == 1 and "iter_0000010 not saved (disk full: rank 0: [Errno 28] No space left on device" in \
         warnings[0], out[-4000:]
     assert "saved" in out and f"{f.checkpoints(run_dir)}/iter_0000015 (periodic)" in out
     assert not any(".tmp-" in p.name for p in f.checkpoints(run_dir).iterdir())

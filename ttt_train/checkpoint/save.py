@@ -126,19 +126,23 @@ def _write(root: Path, final: Path, state: dict, rank_state, needed: int) -> tup
 
 
 def _save_error(root: Path, final: Path, cause: str, needed: int, tmp: Path | None) -> CheckpointSaveError:
-    """Collective: the partial folder removed (rank 0), the error every rank raises."""
-    if tmp is not None and ranks.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Collective: the partial folder removed and the message written by rank 0; the error every rank raises."""
     disk_full = any(text in cause for text in _DISK_FULL)
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        free = None
-    pointer = root / LATEST
-    kept = f"{pointer} still names {pointer.read_text().strip()}" if pointer.is_file() else "no earlier checkpoint"
-    space = f"{_gib(free)} free there, the checkpoint needs about {_gib(needed)}"
-    what = "disk full" if disk_full else "failed"
-    return CheckpointSaveError(f"checkpoint {final} not saved ({what}: {cause}); {space}; {kept}", disk_full)
+
+    def clean_up_and_describe() -> str:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = None
+        pointer = root / LATEST
+        kept = f"{pointer} still names {pointer.read_text().strip()}" if pointer.is_file() else "no earlier checkpoint"
+        space = f"{_gib(free)} free there, the checkpoint needs about {_gib(needed)}"
+        return f"checkpoint {final} not saved ({'disk full' if disk_full else 'failed'}: {cause}); {space}; {kept}"
+
+    return CheckpointSaveError(ranks.on_rank0(clean_up_and_describe, f"cleaning up after a failed save of {final}"),
+                               disk_full)
 
 
 def _gib(size: int | None) -> str:

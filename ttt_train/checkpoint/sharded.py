@@ -102,11 +102,12 @@ def state_bytes(state: dict) -> int:
     """Collective: bytes of tensor data the checkpoint of `state` writes (main replicas of every
     rank, the tensor files' payload: an estimate of its size before it is written)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     local = 0
     for item in nested_values(state):
-        if isinstance(item, ShardedTensor) and item.data is not None and _is_main_replica(item.replica_id):
+        if isinstance(item, ShardedTensor | ShardedTensorFactory) and item.data is not None and \
+                _is_main_replica(item.replica_id):
             local += item.data.numel() * item.data.element_size()
     return sum(ranks.gather(local))
 

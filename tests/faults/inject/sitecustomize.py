@@ -12,12 +12,14 @@ import os
 
 if os.environ.get("TTT_FAULT_ENOSPC"):
     import errno
+    import functools
 
     import torch.distributed.checkpoint.filesystem as _filesystem
 
     _part, _ranks = os.environ["TTT_FAULT_ENOSPC"].split(":")
     _real = _filesystem._write_item
 
+    @functools.wraps(_real)  # megatron inspects its signature
     def _write_item(*args, **kwargs):
         stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
         if _part in str(stream.name) and os.environ.get("RANK") in _ranks.split(","):
