@@ -69,11 +69,12 @@ def test_killing_only_torchrun_stops_its_workers(reference, data, tmp_path):
     stopped_s = time.monotonic() - killed
     out = proc.communicate()[0]
     assert alive == [], f"workers still running: {alive}\n{out[-3000:]}"
+    saved = [r["step"] for r in h.records(run_dir) if "step" in r]
+    assert max(saved) < f.STEPS, "the workers trained on after torchrun died"
     assert "the launcher (pid" in out and "(stopping: signal SIGTERM)" in out, out[-4000:]
     stopped_at = json.loads((run_dir / "status.json").read_text())
     assert stopped_at == {"state": "preempted", "exit_code": 75}
     assert not (run_dir / "run.lock").exists()
-    saved = [r["step"] for r in h.records(run_dir) if "step" in r]
     code, out = h.run_to_end(args)
     assert code == 0, out[-4000:]
     assert f"resumed at step {max(saved)}" in out
@@ -89,7 +90,9 @@ def test_a_second_start_in_a_live_run_folder_is_refused_by_name(data, tmp_path):
     try:
         f.wait_for(proc, lambda: bool(h.records(run_dir)))
         owner = json.loads((run_dir / "run.lock").read_text())
+        started = time.monotonic()
         code, out = h.run_to_end(args)
+        refused_s = time.monotonic() - started
         assert code != 0 and proc.poll() is None, out[-3000:]  # refused; the first run goes on
         assert f"error: run folder {run_dir} is in use by pid {owner['pid']} on {owner['host']}" in out, out[-3000:]
         assert json.loads((run_dir / "run.lock").read_text()) == owner
@@ -99,6 +102,8 @@ def test_a_second_start_in_a_live_run_folder_is_refused_by_name(data, tmp_path):
     # the workers saved and exited 75 (plain torchrun itself exits 1 on SIGTERM)
     assert json.loads((run_dir / "status.json").read_text()) == {"state": "preempted", "exit_code": 75}, out[-3000:]
     assert not (run_dir / "run.lock").exists()
+    f.report(fault="second start in a live run folder", outcome="refused by name, first run unaffected",
+             steps_lost=0, data_lost=0, seconds_to_stop=round(refused_s, 1))
 
 
 def _small_disk(folder, size: str) -> bool:
@@ -118,9 +123,8 @@ def test_disk_full_during_a_save_stops_and_keeps_the_previous_checkpoint(referen
     mounted = _small_disk(root, "6m")
     try:
         env = None if mounted else f.injected("iter_0000015.tmp:0,1")
-        start = time.monotonic()
         code, out = h.run_to_end(f.overrides(run_dir, data), extra_env=env)
-        elapsed = time.monotonic() - start
+        stopped_s = time.time() - next(r["time"] for r in h.records(run_dir) if r.get("step") == 15)
         assert code == 1, out[-4000:]
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, out[-4000:]
@@ -142,7 +146,7 @@ def test_disk_full_during_a_save_stops_and_keeps_the_previous_checkpoint(referen
         if mounted:
             subprocess.run(["umount", "-l", str(root)], check=False)
     f.report(fault="disk full at a save", injected="6 MiB tmpfs" if mounted else "ENOSPC in both ranks' writers",
-             outcome="exit 1, one line; latest kept", steps_lost=5, data_lost=0, seconds_to_stop=round(elapsed, 1))
+             outcome="exit 1, one line; latest kept", steps_lost=5, data_lost=0, seconds_to_stop=round(stopped_s, 1))
 
 
 def test_a_failed_periodic_save_with_retry_trains_on(reference, data, tmp_path):
