@@ -4,6 +4,7 @@ the same size, and data changed under a run that resumes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -59,23 +60,19 @@ def test_an_index_of_another_dataset_is_refused(tmp_path, capsys):
     assert f"{prefix}.idx is not a readable megatron index" in _inspect_error(prefix, capsys)
 
 
-def test_tokens_replaced_under_the_same_index_are_found(tmp_path, byte_eod=256):
-    """Every document ends with EOD (the sidecar says so): tokens shifted by one in a .bin of the
-    same size break that at the sampled documents; and any content change changes the identity."""
+def test_tokens_replaced_under_the_same_index_are_found(tmp_path):
+    """The sidecar records a sample of the .bin's content: tokens shifted by one in a .bin of the
+    same size are refused by it; without the sidecar the dataset's identity still changes."""
+    from ttt_train.data.tokenizer import load_tokenizer
+
     prefix = _dataset(tmp_path)
     identity = indexed.dataset_identity(prefix)
     tokens = numpy.fromfile(prefix + ".bin", dtype=numpy.uint16)
     numpy.roll(tokens, 1).tofile(prefix + ".bin")
-    with pytest.raises(DataError, match=rf"sampled sequences .* do not end with EOD id {byte_eod}, although "
-                                        rf"{prefix}.meta.json says every document does: {prefix}.bin does not hold"):
-        indexed.open_dataset(prefix) and indexed.check_against_tokenizer(prefix, _byte())
+    with pytest.raises(DataError, match=rf"{prefix}.bin does not hold the tokens {prefix}.meta.json describes"):
+        indexed.check_against_tokenizer(prefix, load_tokenizer("byte"))
+    Path(prefix + ".meta.json").unlink()
     assert indexed.dataset_identity(prefix) != identity
-
-
-def _byte():
-    from ttt_train.data.tokenizer import load_tokenizer
-
-    return load_tokenizer("byte")
 
 
 def _swap_first_two_documents(prefix: str) -> None:
@@ -91,8 +88,8 @@ def _swap_first_two_documents(prefix: str) -> None:
 
 @pytest.mark.slow
 def test_a_resume_on_changed_data_is_refused_naming_the_dataset(tmp_path):
-    """A run (one rank) stopped at step 2 of 4; its dataset then changes in place (two documents
-    swapped: same sizes, same index): the resume refuses, naming the dataset."""
+    """A run (one rank) stopped at step 2 of 4; its dataset is then rebuilt in place with two
+    documents swapped (same sizes, same index, a consistent sidecar): the resume refuses, naming it."""
     from tests.faults import run_faults as f
     from tests.training import driver_scenarios as sc
     from ttt_train.runtime.local_ranks import run_local_ranks
@@ -105,6 +102,7 @@ def test_a_resume_on_changed_data_is_refused_naming_the_dataset(tmp_path):
     assert run_local_ranks(sc.run_driver, 1, args, timeout=300) == [0]
     (f.checkpoints(run_dir) / "latest").write_text("iter_0000002\n")  # as if stopped after step 2
     _swap_first_two_documents(prefix)
+    indexed.write_sidecar(prefix, json.loads(Path(prefix + ".meta.json").read_text()))  # as a rebuild would
     with pytest.raises(RuntimeError) as failure:
         run_local_ranks(sc.run_driver, 1, args, timeout=300)
     assert f"data: dataset {prefix} (.bin/.idx) changed since the checkpoint was saved" in str(failure.value)

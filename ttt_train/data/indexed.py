@@ -3,7 +3,8 @@ writing documents atomically, merging pieces, a dataset's identity, and checking
 
 Every tool here writes one megatron sequence per document (GPTDataset's unit) and records in the
 sidecar what built it (tokenizer spec and fingerprint, EOD id, largest token id, the sizes of the two
-files), so a mismatch is caught before training.
+files and a sample of the .bin's content), so a mismatch is caught before training. Opening a
+dataset checks its .idx against the .bin's size (`check_index`), sidecar or not.
 """
 
 from __future__ import annotations
@@ -183,6 +184,13 @@ def read_sidecar(prefix: str) -> dict | None:
                 f"{path} describes a {suffix} of {recorded} bytes but {prefix + suffix} has "
                 f"{os.path.getsize(prefix + suffix)}: the dataset changed without its sidecar; rebuild it"
             )
+    sample = meta.get("bin_sample_sha256")
+    if sample is not None and os.path.exists(prefix + ".bin") and \
+            _bin_sample_sha256(prefix + ".bin", *_stat_key(prefix + ".bin")) != sample:
+        raise DataError(
+            f"{prefix}.bin does not hold the tokens {path} describes (a sample of its content differs, its size "
+            f"does not): it was replaced or corrupted after the dataset was built; rebuild the dataset"
+        )
     return meta
 
 
@@ -197,9 +205,11 @@ def sidecar_fields(tool: str, tokenizer, *, vocab_size: int, dtype: str, documen
 
 
 def write_sidecar(prefix: str, meta: dict) -> None:
-    """Write PREFIX.meta.json (atomically), adding the sizes of PREFIX.bin/.idx (`bin_bytes`,
-    `idx_bytes`) that `read_sidecar` checks."""
-    meta = {**meta, **{f"{s[1:]}_bytes": os.path.getsize(prefix + s) for s in (".bin", ".idx")}}
+    """Write PREFIX.meta.json (atomically), adding what `read_sidecar` checks: the sizes of
+    PREFIX.bin/.idx (`bin_bytes`, `idx_bytes`) and a sample of the .bin's content
+    (`bin_sample_sha256`, see `_bin_sample_sha256`)."""
+    meta = {**meta, **{f"{s[1:]}_bytes": os.path.getsize(prefix + s) for s in (".bin", ".idx")},
+            "bin_sample_sha256": _bin_sample_sha256(prefix + ".bin", *_stat_key(prefix + ".bin"))}
     path = sidecar_path(prefix)
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
@@ -278,34 +288,14 @@ def max_token_id(dataset: IndexedDataset, prefix: str, progress: bool = False) -
     return max((int(tokens[i : i + _SCAN_CHUNK].max()) for i in starts), default=-1)
 
 
-def sequences_without_eod(dataset: IndexedDataset, prefix: str, eod_id: int,
-                          sequences: numpy.ndarray | None = None) -> numpy.ndarray:
-    """Indices of the sequences (all, or those in `sequences`) whose last token is not `eod_id`
-    (empty sequences included)."""
-    chosen = numpy.arange(len(dataset)) if sequences is None else numpy.asarray(sequences, dtype=numpy.int64)
-    lengths = dataset.sequence_lengths[chosen].astype(numpy.int64)
-    last = dataset.index.sequence_pointers[chosen] // dataset.index.dtype_size + lengths - 1
+def sequences_without_eod(dataset: IndexedDataset, prefix: str, eod_id: int) -> numpy.ndarray:
+    """Indices of the sequences whose last token is not `eod_id` (empty sequences included)."""
+    lengths = dataset.sequence_lengths.astype(numpy.int64)
+    last = dataset.index.sequence_pointers // dataset.index.dtype_size + lengths - 1
     nonempty = lengths > 0
     ok = numpy.zeros(lengths.size, dtype=bool)
     ok[nonempty] = tokens_array(dataset, prefix)[last[nonempty]] == eod_id
-    return chosen[~ok]
-
-
-def _spot_check_eod(dataset: IndexedDataset, prefix: str, eod_id: int, samples: int = 1024) -> None:
-    """Refuse a .bin whose sequences, at up to `samples` evenly spaced ones (the last included), do
-    not end with EOD although the sidecar says every document does: its tokens are not those its
-    .idx indexes (replaced or corrupted). One token read per sample."""
-    count = len(dataset)
-    if count == 0:
-        return
-    chosen = numpy.unique(numpy.linspace(0, count - 1, num=min(samples, count)).astype(numpy.int64))
-    bad = sequences_without_eod(dataset, prefix, eod_id, chosen)
-    if bad.size:
-        raise DataError(
-            f"dataset {prefix!r}: {bad.size} of {chosen.size} sampled sequences (e.g. #{int(bad[0])}) do not end "
-            f"with EOD id {eod_id}, although {sidecar_path(prefix)} says every document does: {prefix}.bin does "
-            f"not hold the tokens {prefix}.idx indexes (replaced or corrupted); rebuild the dataset"
-        )
+    return numpy.flatnonzero(~ok)
 
 
 def largest_token_id(prefix: str) -> int:
@@ -363,10 +353,7 @@ def check_against_tokenizer(prefix: str, tokenizer: Tokenizer, require_eod: bool
             f"dataset {prefix!r}: built with EOD id {meta['eod_id']} but tokenizer {tokenizer.name!r} "
             f"has EOD id {tokenizer.eod_id}; pass the EOD token it was built with"
         )
-    if meta.get("eod_delimited"):
-        _spot_check_eod(dataset, prefix, tokenizer.eod_id)
-        return
-    if not require_eod:
+    if not require_eod or meta.get("eod_delimited"):
         return
     missing = sequences_without_eod(dataset, prefix, tokenizer.eod_id)
     if meta.get("eod_delimited") is False or missing.size:
