@@ -71,7 +71,7 @@ def test_killing_only_torchrun_stops_its_workers(reference, data, tmp_path):
     assert alive == [], f"workers still running: {alive}\n{out[-3000:]}"
     saved = [r["step"] for r in h.records(run_dir) if "step" in r]
     assert max(saved) < f.STEPS, "the workers trained on after torchrun died"
-    assert "the launcher (pid" in out and "(stopping: signal SIGTERM)" in out, out[-4000:]
+    assert "error: the launcher (pid" in out and "(stopping: " in out, out[-4000:]  # (the first rank's reason)
     stopped_at = json.loads((run_dir / "status.json").read_text())
     assert stopped_at == {"state": "preempted", "exit_code": 75}
     assert not (run_dir / "run.lock").exists()
