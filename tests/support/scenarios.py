@@ -91,7 +91,7 @@ def crash_during_save(root: str) -> dict:
 
     from megatron.core import dist_checkpointing
 
-    from ttt_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from ttt_train.checkpoint import CheckpointSaveError, latest_checkpoint, load_checkpoint, save_checkpoint
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -108,7 +108,7 @@ def crash_during_save(root: str) -> dict:
     with mock.patch.object(dist_checkpointing, "save", broken_save):
         try:
             save_checkpoint(root, 2, chunks)
-        except OSError as err:
+        except CheckpointSaveError as err:  # the OSError, reported alike on every rank
             error = str(err)
     meta = load_checkpoint(root, chunks)
     return dict(error=error, latest=latest_checkpoint(root).name, meta=meta)
