@@ -275,8 +275,9 @@ def _run(cfg, stages: list[Stage], flags, rank: int, run_dir: Path) -> int:
         code, state, error = EXIT_REFUSED, "refused", one_line(err)
     except CheckpointSaveError as err:
         code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
-        error += ("; free space there and rerun the same command, or set checkpoint.on_save_error=retry to "
-                  "train on through failed periodic saves") if err.disk_full else "; rerun the same command"
+        error += "; free space there and rerun the same command" if err.disk_full else "; rerun the same command"
+        if err.disk_full and cfg.checkpoint.on_save_error != "retry":
+            error += ", or set checkpoint.on_save_error=retry to train on through failed periodic saves"
     except _expected_failures() as err:
         code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
     except KeyboardInterrupt:
