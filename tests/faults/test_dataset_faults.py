@@ -103,6 +103,10 @@ def test_a_resume_on_changed_data_is_refused_naming_the_dataset(tmp_path):
     (f.checkpoints(run_dir) / "latest").write_text("iter_0000002\n")  # as if stopped after step 2
     _swap_first_two_documents(prefix)
     indexed.write_sidecar(prefix, json.loads(Path(prefix + ".meta.json").read_text()))  # as a rebuild would
-    with pytest.raises(RuntimeError) as failure:
-        run_local_ranks(sc.run_driver, 1, args, timeout=300)
-    assert f"data: dataset {prefix} (.bin/.idx) changed since the checkpoint was saved" in str(failure.value)
+    ((code, err),) = run_local_ranks(sc.run_driver_captured, 1, args, timeout=300)
+    assert code == 1, err  # one line, no traceback; status.json says why
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    changed = f"data: dataset {prefix} (.bin/.idx) changed since the checkpoint was saved"
+    assert line.startswith("error: checkpoint ") and changed in line and "Traceback" not in err, err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and changed in status["error"]
