@@ -251,7 +251,8 @@ def _ttt_stats_by_hand(z, v, weight, chunk, lr, tau, doc_ids) -> dict:
     norms = torch.stack(norms)
     return dict(update_norm_mean=norms.mean().item(), update_norm_max=norms.max().item(),
                 clipped_fraction=(norms > tau).double().mean().item(),
-                fast_weight_rel_change=torch.stack(rel).mean().item(), target_norm=v.norm(dim=-1).mean().item())
+                fast_weight_rel_change=torch.stack(rel).mean().item(), fast_weight_rel_change_max=max(rel).item(),
+                target_norm=v.norm(dim=-1).mean().item(), target_norm_max=v.norm(dim=-1).max().item())
 
 
 def resume_losses(root: str, layout: dict) -> dict:
