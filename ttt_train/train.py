@@ -200,12 +200,14 @@ def _run(cfg, stages: list[Stage], flags, rank: int, run_dir: Path) -> int:
     from omegaconf import OmegaConf
 
     from ttt_train.checkpoint import CheckpointDamaged, CheckpointSaveError, latest_checkpoint, recover_latest
+    from ttt_train.runtime import watchdog
     from ttt_train.training.loop import RunState, train_stage
     from ttt_train.training.metrics import MetricsWriter, new_wandb_id
     from ttt_train.training.plan import flops_per_token
     from ttt_train.training.stage_setup import build, load_start
     from ttt_train.training.start import CONFIG, move_aside
 
+    _start_watchdog(cfg.run, run_dir, rank)
     try:  # a damaged newest checkpoint: fall back to the newest intact one before anything is read
         notes = recover_latest([stage.checkpoints for stage in stages])
     except CheckpointDamaged as err:
@@ -244,8 +246,10 @@ def _run(cfg, stages: list[Stage], flags, rank: int, run_dir: Path) -> int:
         for k, index in enumerate(plan.todo):
             stage = stages[index]
             resume = plan.resume if k == 0 else None
+            watchdog.phase(f"building {stage.label}", generous=True)
             built = build(stage)
             previous = latest_checkpoint(stages[index - 1].checkpoints) if index and resume is None else None
+            watchdog.phase(f"loading the start of {stage.label}", generous=True)
             info = load_start(stage, built, resume=resume, previous=previous, init=cfg.init,
                               carry_optimizer=cfg.checkpoint.carry_optimizer)
             if k == 0 and rank == 0:  # the start is accepted and set up: the run folder now describes it
@@ -302,6 +306,22 @@ def _run(cfg, stages: list[Stage], flags, rank: int, run_dir: Path) -> int:
     return code
 
 
+def _start_watchdog(run_cfg, run_dir: Path, rank: int) -> None:
+    """The hang watchdog (`ttt_train.runtime.watchdog`) with the run's timeouts; rank 0 records a hang in
+    status.json before the process ends. Off when run.collective_timeout_minutes is 0."""
+    from ttt_train.runtime import watchdog
+
+    if run_cfg.collective_timeout_minutes <= 0:
+        return
+
+    def on_hang(message: str) -> None:
+        if rank == 0:
+            _write_status(run_dir, state="failed", exit_code=watchdog.EXIT_HUNG, error=message)
+
+    watchdog.start(run_cfg.collective_timeout_minutes * 60, run_cfg.startup_timeout_minutes * 60,
+                   keys=("run.collective_timeout_minutes", "run.startup_timeout_minutes"), on_hang=on_hang)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["-h"], ["--help"]):
@@ -335,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg, stages, flags)
     finally:
+        from ttt_train.runtime import watchdog
+
+        watchdog.stop()
         flags.restore()
 
 

@@ -227,7 +227,11 @@ class RunConfig:
     them are moved aside (`stages/<k>_<name>.replaced-<time>`), never deleted.
     lock_timeout_minutes: the run folder's lock (`run.lock`, refreshed every few seconds by the
     running job) is taken over by a new start once its heartbeat is this old, or at once when its
-    owner was on this host and is dead."""
+    owner was on this host and is dead.
+    collective_timeout_minutes: a rank stuck this long in one micro-batch or step (after a stage's
+    first step) stops the run with a message naming the unresponsive rank and what it was doing, and
+    no checkpoint (0: no watchdog); startup_timeout_minutes: the same before a stage's first step and
+    in checkpoint saves and loads (see ttt_train/runtime/watchdog.py)."""
 
     name: str | None = None
     dir: str | None = None
@@ -238,6 +242,8 @@ class RunConfig:
     stages: list[Any] | None = None
     restart_stages: bool = False
     lock_timeout_minutes: float = 10.0
+    collective_timeout_minutes: float = 10.0
+    startup_timeout_minutes: float = 30.0
 
 
 @dataclass

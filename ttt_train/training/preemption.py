@@ -2,7 +2,9 @@
 
 A signal handler only sets a flag. After every step all ranks enter one small all-reduce (MAX) of
 [signal seen, wall-time limit reached, periodic save due]; so they act on the same step, save the
-same checkpoint and exit together with `EXIT_PREEMPTED` (the launch scripts requeue on it).
+same checkpoint and exit together with `EXIT_PREEMPTED` (the launch scripts requeue on it). The
+wall-time clock is a parameter (`clock`, default `time.monotonic`): tests drive the time limits with
+a fake one instead of sleeping.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ EXIT_PREEMPTED = 75
 class StopFlags:
     """Per-rank flags (signal received, time limit, periodic save clock) and their step-boundary agreement."""
 
-    def __init__(self, signal_names: list[str], exit_after_minutes: float, save_every_minutes: float):
+    def __init__(self, signal_names: list[str], exit_after_minutes: float, save_every_minutes: float,
+                 clock=time.monotonic):
         self.received: str | None = None
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self.exit_after_s = exit_after_minutes * 60
         self.save_every_s = save_every_minutes * 60
         self.last_save = self.start
@@ -63,7 +67,7 @@ class StopFlags:
 
     def saved(self) -> None:
         """A checkpoint was just written: restart the periodic-save clock."""
-        self.last_save = time.monotonic()
+        self.last_save = self.clock()
 
     def agree(self) -> tuple[bool, bool]:
         """(stop now, save now) as agreed by every rank (collective). Stop: a signal reached any rank
@@ -72,7 +76,7 @@ class StopFlags:
 
         from ttt_train.runtime.distributed import device
 
-        now = time.monotonic()
+        now = self.clock()
         flags = torch.tensor([
             self.received is not None,
             self.exit_after_s > 0 and now - self.start >= self.exit_after_s,

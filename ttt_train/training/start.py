@@ -27,15 +27,16 @@ from ttt_train.training.config import SECTIONS, ConfigError, stage_index
 APPLIED_ON_RESUME = (
     "logging", "validation", "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_last",
     "checkpoint.on_save_error", "run.name", "run.world_size", "run.exit_after_minutes", "run.signals", "run.stages",
-    "run.restart_stages", "run.dry_run", "run.lock_timeout_minutes", "parallel.tp", "parallel.pp", "parallel.cp",
+    "run.restart_stages", "run.dry_run", "run.lock_timeout_minutes",
+    "run.collective_timeout_minutes", "run.startup_timeout_minutes", "parallel.tp", "parallel.pp", "parallel.cp",
     "parallel.sequence_parallel", "parallel.cp_comm_type", "parallel.cp_scan", "parallel.cp_scan_wire",
     "parallel.links", "ddp.overlap_grad_reduce", "ddp.bucket_size", "training.micro_batch_size", "training.recompute",
     "training.max_skipped_steps", "data.num_workers", "data.cache_dir", "model.name", "model.extra",
 )
 """Keys (or sections) whose change a resumed stage applies: logging, validation, checkpoint intervals
-and what a failed save does, the run folder's lock timeout, the parallel layout and how its ranks
-communicate (checkpoints reshard on load), micro-batching (the same samples per step), recompute,
-data-loader workers and index-cache folder, labels. Every other key is held."""
+and what a failed save does, the run folder's lock and hang-watchdog timeouts, the parallel layout and
+how its ranks communicate (checkpoints reshard on load), micro-batching (the same samples per step),
+recompute, data-loader workers and index-cache folder, labels. Every other key is held."""
 
 CONFIG = "config.yaml"
 
