@@ -201,7 +201,7 @@ def _train(stage: Stage, built: Built, run: RunState, start_step: int, locator: 
         stop, save_due = run.flags.agree()
         if step == stage.steps:
             save(stage, built, run, step, reason="stage end")
-            return not stop
+            return not stop or stage.index == len(cfg.stages) - 1  # the last stage: finished, not stopped
         if stop:
             save(stage, built, run, step, reason=f"stopping: {run.flags.reason()}")
             return False
