@@ -166,7 +166,7 @@ def _train(stage: Stage, built: Built, run: RunState, start_step: int, locator: 
                                     t.micro_batch_size, ps.get_data_parallel_rank(),
                                     ps.get_data_parallel_world_size(), stage.data.num_workers))
     skips = SkipCounter(t.max_skipped_steps)
-    pending: list[tuple[float | None, float, float, bool]] = []  # (loss, lr, grad norm, skipped) since the last log
+    pending: list[tuple] = []  # (loss, lr, grad norm, where the non-finite values came from or None) since the last log
     interval_start = stage_start = time.perf_counter()
     step = start_step
     while step < stage.steps:
@@ -190,7 +190,7 @@ def _train(stage: Stage, built: Built, run: RunState, start_step: int, locator: 
             run.writer.print(f"{stage.label}  step {step}: update skipped (loss {result['loss']}, gradient norm "
                              f"{result['grad_norm']}): {where}")
         skips.update(result["skipped"], step, result["loss"], result["grad_norm"], where)
-        pending.append((result["loss"], lr, result["grad_norm"], result["skipped"]))
+        pending.append((result["loss"], lr, result["grad_norm"], where))
         if logged:
             now = time.perf_counter()
             _log(stage, built, run, step, pending, now - interval_start, now - stage_start, start_step, skips.total)
@@ -227,6 +227,9 @@ def _log(stage: Stage, built: Built, run: RunState, step: int, pending: list, in
               "ttt_lr": built.ttt_layers[0].ttt_lr if built.ttt_layers else 0.0,
               "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world,
               "consumed_tokens": step * stage.tokens_per_step, "peak_memory_gib": peak_memory_gib(), **ttt}
+    skipped = [p[3] for p in pending if p[3]]
+    if skipped:
+        record["nonfinite"] = skipped[-1]  # where the last skipped step's non-finite values came from
     if run.flops_per_token is not None:
         record["tflops_per_device"] = run.flops_per_token * tokens_per_s / world / 1e12
         if run.cfg.logging.peak_tflops:

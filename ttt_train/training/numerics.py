@@ -89,27 +89,29 @@ class NonFiniteLocator:
         self.sites: list[tuple[int, str]] = []  # (global forward order, label)
         self.param_site: dict[int, tuple[int, str]] = {}  # id(param) -> (site index, parameter name)
         self.handles = []
-        modules = []
-        for chunk in model_chunks:
-            for name, module in chunk.named_modules():
-                if isinstance(module, TransformerLayer):
-                    layer = module.layer_number - 1
-                    ttt = " (TTT)" if isinstance(module.mlp, TTTMLP) else ""
-                    modules += [(2 * layer + 1, f"layer {layer}'s self-attention", module.self_attention,
-                                 f"{name}.self_attention"),
-                                (2 * layer + 2, f"layer {layer}'s MLP{ttt}", module.mlp, f"{name}.mlp")]
-                elif name.endswith("embedding") and not name.endswith("word_embeddings"):
-                    modules.append((0, "the embedding", module, name))
-                elif name.endswith("final_layernorm"):
-                    modules.append((1 << 30, "the final norm", module, name))
-                elif name.endswith("output_layer"):
-                    modules.append(((1 << 30) + 1, "the output layer", module, name))
-        self.flags = torch.zeros(len(modules), dtype=torch.bool, device=_device())
-        for index, (order, label, module, prefix) in enumerate(modules):
+
+        def site(order: int, label: str, module, params) -> None:
+            index = len(self.sites)
             self.sites.append((order, label))
             self.handles.append(module.register_forward_hook(self._hook(index)))
-            for pname, param in module.named_parameters():
-                self.param_site.setdefault(id(param), (index, strip_wrappers(f"{prefix}.{pname}")))
+            for pname, param in params:
+                self.param_site.setdefault(id(param), (index, strip_wrappers(pname)))
+
+        for chunk in model_chunks:
+            for name, module in chunk.named_modules():
+                if isinstance(module, TransformerLayer):  # its norms go with the block they feed
+                    layer = module.layer_number - 1
+                    params = [(f"{name}.{p}", q) for p, q in module.named_parameters()]
+                    in_mlp = [(p, q) for p, q in params if p[len(name) + 1:].startswith(("mlp.", "pre_mlp_layernorm."))]
+                    ttt = " (TTT)" if isinstance(module.mlp, TTTMLP) else ""
+                    site(2 * layer + 1, f"layer {layer}'s self-attention", module.self_attention,
+                         [pq for pq in params if pq not in in_mlp])
+                    site(2 * layer + 2, f"layer {layer}'s MLP{ttt}", module.mlp, in_mlp)
+                elif name.endswith(("embedding", "final_layernorm", "output_layer")) and "layers." not in name:
+                    order, label = {"embedding": (0, "the embedding"), "final_layernorm": (1 << 30, "the final norm"),
+                                    "output_layer": ((1 << 30) + 1, "the output layer")}[name.rsplit(".", 1)[-1]]
+                    site(order, label, module, [(f"{name}.{p}", q) for p, q in module.named_parameters()])
+        self.flags = torch.zeros(len(self.sites), dtype=torch.bool, device=_device())
         self.params = [p for chunk in model_chunks for p in chunk.parameters()]
 
     def _hook(self, index: int):

@@ -10,6 +10,7 @@ a fake one instead of sleeping.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import torch
@@ -55,11 +56,24 @@ class StopFlags:
         to each worker's whole process group: without this a preemption signal kills it and the save
         fails. An ignored signal stays ignored across exec; this rank's own handlers are restored
         right after. (The writer processes of each save are forked: they inherit the flag-only handler.)
+
+        Ignoring SIGTERM, the manager would outlive a rank that is killed (kill -9, the OOM killer): an
+        orphan holding the rank's memory and its stdout, which keeps a launcher's pipe open. So it is
+        started here, as megatron would, but asks the kernel to SIGKILL it when this rank dies (Linux).
         """
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
         from ttt_train.runtime import megatron_compat
 
         handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.previous}
         try:
+            if filesystem_async._results_queue is None and sys.platform == "linux":  # the same global 0.16-0.19
+                from multiprocessing import get_context
+                from multiprocessing.managers import SyncManager
+
+                self._manager = SyncManager(ctx=get_context("spawn"))
+                self._manager.start(_die_with_parent)
+                filesystem_async._results_queue = self._manager.Queue()
             megatron_compat.write_results_queue()
         finally:
             for sig, handler in handlers.items():
@@ -88,3 +102,10 @@ class StopFlags:
 
     def reason(self) -> str:
         return f"signal {self.received}" if self.received else "run.exit_after_minutes reached (or another rank's signal)"
+
+
+def _die_with_parent() -> None:
+    """In a child process: be SIGKILLed when the parent dies (Linux `prctl(PR_SET_PDEATHSIG)`)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
