@@ -17,6 +17,10 @@ Three differences from `torchrun` (torch.distributed.run), which the launch scri
   restarted driver resumes from the last checkpoint. A group that saved and stopped on purpose (every
   failed worker exited 75), that was refused (every failed worker exited 2) or that was told to stop
   (a forwarded signal) is not restarted: torchrun would otherwise train on through a preemption.
+  `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (unless set): with the c10d rendezvous's store shared with
+  the workers (torch's default), the restarted workers find their predecessors' keys in it and hang
+  creating their process groups (pytorch/pytorch#135712; still so in torch 2.13 with gloo); unshared,
+  rank 0 hosts a fresh store for each attempt.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def _no_restart_after_a_planned_stop() -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     _no_restart_after_a_planned_stop()
     names = {sig.name for sig in FORWARDED}
     args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in names)

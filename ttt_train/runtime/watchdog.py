@@ -7,7 +7,8 @@ missing. Here the training loop marks *phases* (`phase("stages.0 step 3 micro-ba
 `generous=True` for start-up, checkpoint saves and loads) and a daemon thread per rank
 
 - writes a heartbeat `{beat, phase, pid, host}` to the rendezvous store every `interval` seconds
-  (its own store connection; the key is `ttt_watchdog/<torchrun restart>/<rank>`);
+  (its own store connection; the key is `ttt_watchdog/<rank>`, written once at start, before any
+  collective can hang, so a store kept across torchrun restarts holds no stale beat);
 - when its own phase has lasted the phase's timeout (the steady `collective timeout` once `steady()`
   is called after a stage's first step, the generous start-up timeout before that and in generous
   phases), reads every rank's heartbeat twice, `interval * 2.5` s apart, inside that timeout: a rank
@@ -68,7 +69,6 @@ class Watchdog:
         self.interval = beat_interval(self.steady_s)
         self.grace = max(30.0, 6 * self.interval)
         self.store = store if store is not None else _store_client(max(10.0, 4 * self.interval))
-        self.prefix = f"{_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.identity = {"pid": os.getpid(), "host": socket.gethostname()}
         self.steady_mode = False
         self._phase = ("starting", time.monotonic(), True)
@@ -104,7 +104,7 @@ class Watchdog:
 
     # ------------------------------------------------------------------ watchdog thread
     def _key(self, rank: int) -> str:
-        return f"{self.prefix}/{rank}"
+        return f"{_PREFIX}/{rank}"
 
     def _beat(self) -> None:
         self._beats += 1
