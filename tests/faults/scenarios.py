@@ -97,3 +97,93 @@ def ttt_stats_by_hand(inputs, weight, cp: int) -> tuple[dict, list[dict]]:
     per_rank = [dict(fast_weight_rel_change=sum(rel[r]) / len(rel[r]), fast_weight_rel_change_max=max(rel[r]))
                 for r in range(cp)]
     return total, per_rank
+
+
+def driver_with_parameters(overrides: list[str]) -> dict:
+    """Run the driver (TTT_FAULTS comes through the ranks' environment); return its exit code and this
+    rank's parameters at the end (names without wrappers, and which are replicated over TP)."""
+    from megatron.core import parallel_state as ps
+
+    from ttt_train import train
+    from ttt_train.training import loop
+    from ttt_train.training.numerics import strip_wrappers
+
+    captured = []
+    original = loop.train_stage
+
+    def capturing(stage, built, run, start_step):
+        captured.append(built)
+        return original(stage, built, run, start_step)
+
+    loop.train_stage = capturing
+    try:
+        code = train.main(overrides)
+    finally:
+        loop.train_stage = original
+    chunk = captured[-1].chunks[0]
+    params = {strip_wrappers(n): p.detach().clone() for n, p in chunk.named_parameters()}
+    replicated = {strip_wrappers(n) for n, p in chunk.named_parameters() if not getattr(p, "tensor_model_parallel", False)}
+    return dict(code=code, params=params, replicated=replicated, tp_rank=ps.get_tensor_model_parallel_rank(),
+                cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank())
+
+
+def driver_on_a_fake_clock(overrides: list[str], step_seconds: float) -> tuple[int, list[bool]]:
+    """Run the driver with StopFlags on a clock that advances `step_seconds` per training step (nothing
+    sleeps); return the exit code and, for each TTT op call, whether it recorded statistics."""
+    import functools
+
+    from ttt_train import train
+    from ttt_train.layers import ttt_mlp
+    from ttt_train.training import loop, preemption
+
+    now = [0.0]
+    recorded = []
+    run_step, op, flags = loop.run_step, ttt_mlp.inplace_ttt, train.StopFlags
+
+    def stepping(*args, **kwargs):
+        result = run_step(*args, **kwargs)
+        if not kwargs.get("forward_only"):
+            now[0] += step_seconds
+        return result
+
+    def recording(*args, **kwargs):
+        recorded.append(bool(kwargs.get("return_stats")))
+        return op(*args, **kwargs)
+
+    loop.run_step, ttt_mlp.inplace_ttt = stepping, recording
+    train.StopFlags = functools.partial(preemption.StopFlags, clock=lambda: now[0])
+    try:
+        return train.main(overrides), recorded
+    finally:
+        loop.run_step, ttt_mlp.inplace_ttt, train.StopFlags = run_step, op, flags
+
+
+def collectives_with_a_stopped_rank(report: str, stop_at: int | None) -> None:
+    """All-reduces in named phases under a watchdog (3 s once steady, 6 s before); rank 1 SIGSTOPs itself as
+    phase `stop_at` starts (None: none does, but one phase is slow: 2.4 s, within the limit). Each rank's
+    hang report goes to `report` (a file)."""
+    import os
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    from ttt_train.runtime import watchdog
+
+    rank = dist.get_rank()
+    watchdog.start(3.0, 6.0, keys=("run.collective_timeout_minutes", "run.startup_timeout_minutes"),
+                   on_hang=lambda message: open(report, "a").write(f"{time.time()} {message}\n"))
+    tensor = torch.ones(4)
+    try:
+        for i in range(1, 12):
+            watchdog.phase(f"step {i}")
+            if i == 2:
+                watchdog.steady()
+            if rank == 1 and i == stop_at:
+                open(report, "a").write(f"{time.time()} stopped\n")
+                os.kill(os.getpid(), signal.SIGSTOP)
+            if stop_at is None and i == 5:
+                time.sleep(2.4)
+            dist.all_reduce(tensor)
+    finally:
+        watchdog.stop()

@@ -1,0 +1,66 @@
+"""SIGTERM at awkward moments, through launch/torchrun.py with restarts allowed (a stop must not be
+restarted): twice in a row, during the save the first one triggers, and during the hand-off between
+stages. Each time the run saves once (or not at all when nothing changed), exits 75, and a plain rerun
+continues to the losses and weights of a run that was never interrupted."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.faults import fault_helpers as fh
+from tests.training import driver_helpers as h
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # several launches each (2 shared cores)
+
+
+def _stopped(run_dir, out: str, code: int) -> list[str]:
+    """The saves of a launch that must have exited 75; returns their lines."""
+    assert code == 75, out[-6000:]
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "preempted", "exit_code": 75}
+    assert "will restart worker group" not in out, out[-6000:]
+    return [line for line in out.splitlines() if line.startswith("saved ")]
+
+
+def test_sigterm_twice_during_a_save_and_at_the_hand_off(reference, data, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = fh.overrides(run_dir, data)
+
+    # 1. two SIGTERMs in a row (0.2 s apart) in the middle of stage 0: one save, exit 75
+    launch = fh.Launch(overrides, max_restarts=2)
+    fh.when(run_dir, h.logged_step(0, 1), launch)
+    launch.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    launch.signal(signal.SIGTERM)
+    code, out = launch.wait()
+    saves = _stopped(run_dir, out, code)
+    assert len(saves) == 1 and "(stopping: signal SIGTERM)" in saves[0], saves
+    first_stop = max(s for st, s in fh.steps_logged(run_dir) if st == 0)
+
+    assert first_stop < 4, "the first signal came too late to leave a step for the next one"
+
+    # 2. a SIGTERM as the next step starts, and another during the save it triggers: still one save
+    step = first_stop + 1
+    code, out = fh.run(overrides, faults=f"term@step,rank=0,stage=0,step={step};term@save,rank=0,stage=0,step={step}",
+                       max_restarts=2)
+    saves = _stopped(run_dir, out, code)
+    assert [s.split("/")[-1] for s in saves] == [f"iter_{step:07d} (stopping: signal SIGTERM)"], saves
+    assert f"resumed at step {first_stop}" in out
+
+    # 3. a SIGTERM after stage 0's last step, while stage 1 is being set up: stage 0's final checkpoint is
+    # saved as always, stage 1 stops before its first step with nothing new to save
+    code, out = fh.run(overrides, faults="term@handoff,rank=0,stage=1", max_restarts=2)
+    saves = _stopped(run_dir, out, code)
+    assert [s.split("/")[-1] for s in saves] == ["iter_0000004 (stage end)"], saves
+    assert "stages.1 (ctx4k): stopping before step 1 (signal SIGTERM); nothing new to save" in out
+    assert not (run_dir / "stages" / "1_ctx4k" / "checkpoints").exists()
+
+    # 4. the plain rerun finishes: every step's loss and the final weights as without interruptions
+    code, out = fh.run(overrides, max_restarts=2)
+    assert code == 0, out[-6000:]
+    assert h.losses(run_dir) == h.losses(reference)
+    fh.assert_same_tensors(fh.checkpoint_tensors(fh.final_checkpoint(run_dir)),
+                           fh.checkpoint_tensors(fh.final_checkpoint(reference)))
+    steps = fh.steps_logged(run_dir)
+    assert len(steps) == len(set(steps)), steps  # no step was run twice: nothing lost
