@@ -7,7 +7,7 @@ missing. Here the training loop marks *phases* (`phase("stages.0 step 3 micro-ba
 `generous=True` for start-up, checkpoint saves and loads) and a daemon thread per rank
 
 - writes a heartbeat `{beat, phase, pid, host}` to the rendezvous store every `interval` seconds
-  (its own store connection; the key is `ttt_watchdog/<rank>`, written once at start, before any
+  and whenever the phase changes (its own store connection, off the training thread; the key is `ttt_watchdog/<rank>`, written once at start, before any
   collective can hang, so a store kept across torchrun restarts holds no stale beat);
 - when its own phase has lasted the phase's timeout (the steady `collective timeout` once `steady()`
   is called after a stage's first step, the generous start-up timeout before that and in generous
@@ -74,6 +74,7 @@ class Watchdog:
         self._phase = ("starting", time.monotonic(), True)
         self._beats = 0
         self._stop = threading.Event()
+        self._changed = threading.Event()
         self._applied: bool | None = None
         self._apply_timeouts(generous=True)
         self._beat()
@@ -85,6 +86,7 @@ class Watchdog:
         """This rank now does `what` (a short phrase); its timeout restarts."""
         generous = generous or not self.steady_mode
         self._phase = (what, time.monotonic(), generous)
+        self._changed.set()
         if generous != self._applied:
             self._apply_timeouts(generous)
 
@@ -96,6 +98,7 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        self._changed.set()
         self._thread.join(timeout=2 * self.interval + 1)
 
     def _apply_timeouts(self, generous: bool) -> None:
@@ -116,7 +119,11 @@ class Watchdog:
 
     def _run(self) -> None:
         diagnosis_s = 2.5 * self.interval
-        while not self._stop.wait(self.interval):
+        while True:
+            self._changed.wait(self.interval)
+            self._changed.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._beat()
             except Exception:  # noqa: BLE001 - a store hiccup must not kill training; the check below still runs
