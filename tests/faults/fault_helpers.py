@@ -139,12 +139,15 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 
 def assert_same_tensors(a: dict, b: dict, rel: float = 0.0) -> None:
+    """Equal tensors (rel=0), or each within `rel` of the other in relative Frobenius norm (another layout:
+    Adam turns rounding in tiny gradients into element differences of ~1e-4 of the largest weight)."""
     import torch
 
     assert a.keys() == b.keys()
     for key in a:
         if rel:
-            torch.testing.assert_close(a[key], b[key], rtol=rel, atol=rel * a[key].abs().max().item(), msg=key)
+            x, y = a[key].double(), b[key].double()
+            assert (x - y).norm() <= rel * y.norm(), (key, ((x - y).norm() / y.norm()).item())
         else:
             assert torch.equal(a[key], b[key]), key
 
