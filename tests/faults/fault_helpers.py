@@ -20,9 +20,11 @@ STEPS = (4, 3)  # stage 0: checkpoints at 2 and 4 (its end); stage 1: at 2 and 3
 
 
 def overrides(run_dir: Path, data: dict, *extra: str) -> list[str]:
-    """The test-size two-stage curriculum (see driver_helpers.tiny_overrides), validation and wandb off."""
+    """The test-size two-stage curriculum (see driver_helpers.tiny_overrides), validation and wandb off; one
+    index cache beside the data for every run (built once)."""
+    cache = Path(data["short"]).parent / "cache"
     return h.tiny_overrides(run_dir, data, steps=STEPS, extra=["validation.every_steps=0", "logging.wandb.mode=disabled",
-                                                               *extra])
+                                                               f"data.cache_dir={cache}", *extra])
 
 
 class Launch:
@@ -105,15 +107,26 @@ def run(overrides: list[str], **kwargs) -> tuple[int, str]:
     return Launch(overrides, **kwargs).wait()
 
 
-def when(run_dir: Path, ready, launch: Launch, timeout: float = 900) -> None:
-    """Wait until `ready(records logged by this launch so far)` holds (h.logged_step(stage, step), ...)."""
-    before = len(h.records(run_dir))
+def until(launch: Launch, ready, timeout: float = 900) -> None:
+    """Wait until `ready()` holds; fail (killing the launch) if it ends or time runs out first."""
     deadline = time.monotonic() + timeout
-    while not ready(h.records(run_dir)[before:]):
+    while not ready():
         if launch.proc.poll() is not None or time.monotonic() > deadline:
             h.kill_tree(launch.proc.pid)
             raise AssertionError("the launch ended or timed out first:\n" + launch.proc.communicate()[0][-6000:])
-        time.sleep(0.1)
+        time.sleep(0.05)
+
+
+def when(run_dir: Path, ready, launch: Launch, timeout: float = 900) -> None:
+    """Wait until `ready(records logged by this launch so far)` holds (h.logged_step(stage, step), ...)."""
+    before = len(h.records(run_dir))
+    until(launch, lambda: ready(h.records(run_dir)[before:]), timeout)
+
+
+def report(**row) -> None:
+    """One row of issue 24's fault table (fault, injected, outcome, steps_lost, data_lost, seconds_to_stop),
+    printed for `pytest -s`."""
+    print("FAULT-REPORT", json.dumps(row), flush=True)
 
 
 def fault_log(path: Path) -> list[dict]:
@@ -133,8 +146,12 @@ def checkpoint_tensors(path: Path) -> dict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def checkpoints(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / "stages" / ("0_ctx1k", "1_ctx4k")[stage] / "checkpoints"
+
+
 def final_checkpoint(run_dir: Path) -> Path:
-    root = Path(run_dir) / "stages" / "1_ctx4k" / "checkpoints"
+    root = checkpoints(run_dir, 1)
     return root / (root / "latest").read_text().strip()
 
 

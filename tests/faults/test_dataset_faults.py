@@ -90,17 +90,19 @@ def _swap_first_two_documents(prefix: str) -> None:
 def test_a_resume_on_changed_data_is_refused_naming_the_dataset(tmp_path):
     """A run (one rank) stopped at step 2 of 4; its dataset is then rebuilt in place with two
     documents swapped (same sizes, same index, a consistent sidecar): the resume refuses, naming it."""
-    from tests.faults import run_faults as f
     from tests.training import driver_scenarios as sc
     from ttt_train.runtime.local_ranks import run_local_ranks
 
     prefix = _dataset(tmp_path, num=60)
     run_dir = tmp_path / "run"
-    args = f.overrides(run_dir, {"short": prefix}, "stages.0.tokens=1024", "stages.0.seq_length=128",
-                       "model.max_position_embeddings=128", "checkpoint.every_steps=2", "run.world_size=1",
-                       "training.global_batch_size=2", "training.micro_batch_size=2")
+    args = ["experiment=tiny_ttt", f"run.dir={run_dir}", f"data.blend=[{{path:'{prefix}',weight:1.0}}]",
+            f"data.cache_dir={tmp_path / 'cache'}", "model.max_position_embeddings=128",
+            "stages=[{name:ctx1k,tokens:1024,seq_length:128,yarn:null}]", "checkpoint.every_steps=2",
+            "checkpoint.keep_last=3", "logging.interval=1", "logging.wandb.mode=disabled", "run.world_size=1",
+            "training.global_batch_size=2", "training.micro_batch_size=2"]
     assert run_local_ranks(sc.run_driver, 1, args, timeout=300) == [0]
-    (f.checkpoints(run_dir) / "latest").write_text("iter_0000002\n")  # as if stopped after step 2
+    # as if stopped after step 2
+    (run_dir / "stages" / "0_ctx1k" / "checkpoints" / "latest").write_text("iter_0000002\n")
     _swap_first_two_documents(prefix)
     indexed.write_sidecar(prefix, json.loads(Path(prefix + ".meta.json").read_text()))  # as a rebuild would
     ((code, err),) = run_local_ranks(sc.run_driver_captured, 1, args, timeout=300)

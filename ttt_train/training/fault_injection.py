@@ -16,16 +16,20 @@ nothing is installed and each hook point costs one test of a module global.
                                                 +inf into the first element of that module's output
     inf@grad,rank=1,step=3,site=decoder.layers.1.mlp.linear_fc1.layer_norm_weight
                                                 +inf into that parameter's reduced gradient, before the optimizer
+    enospc@write,rank=0,step=10                 every checkpoint file that rank writes in the save of step 10
+                                                fails with ENOSPC after a few bytes, as on a full disk
 
 Filters: `rank` (global rank; default every rank), `stage`, `step` (`3`, `3-6` or `3+`, the stage's
 1-based step being run), `attempt` (torchrun's restart count it fires on, default 0, so a restarted
-job runs clean). kill/stop/term fire once. `TTT_FAULTS_LOG`, if set, is a file each firing appends a
+job runs clean). kill/stop/term fire once; inf and enospc wherever they match. `TTT_FAULTS_LOG`, if set, is a file each firing appends a
 JSON line to (time, pid, rank, attempt, fault, stage, step): the tests measure stop times from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
 import os
 import signal
@@ -35,7 +39,7 @@ from ttt_train.training.numerics import strip_wrappers
 
 ENV, LOG_ENV = "TTT_FAULTS", "TTT_FAULTS_LOG"
 ACTIONS = {"kill": ("step", "backward", "save"), "stop": ("step", "backward", "save"),
-           "term": ("step", "save", "handoff"), "inf": ("activation", "grad")}
+           "term": ("step", "save", "handoff"), "inf": ("activation", "grad"), "enospc": ("write",)}
 
 
 @dataclasses.dataclass
@@ -52,7 +56,7 @@ class Fault:
     param: object = None  # the parameter of a "grad" fault on this rank
 
     def matches(self, point: str, stage: int, step: int) -> bool:
-        return (self.point == point and not (self.fired and self.action != "inf")
+        return (self.point == point and not (self.fired and self.action in ("kill", "stop", "term"))
                 and (self.stage is None or self.stage == stage)
                 and (self.steps is None or self.steps[0] <= step <= self.steps[1]))
 
@@ -121,6 +125,8 @@ def install(model_chunks, *, stage: int, signal_seen=None) -> None:
             fault.param = _find_parameter(model_chunks, fault)
         elif fault.point == "save":
             _wrap_save()
+        elif fault.point == "write":
+            _fail_writes()
 
 
 def remove() -> None:
@@ -230,3 +236,28 @@ def _wrap_save() -> None:
         return result
 
     dist_checkpointing.save = save
+
+
+_original_write_item = None
+
+
+def _fail_writes() -> None:
+    """Make megatron's checkpoint writers fail with ENOSPC after a few bytes while an "enospc" fault
+    matches the position (the writer processes this rank forks inherit the patch and the position)."""
+    global _original_write_item
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _original_write_item is not None:
+        return
+    _original_write_item = real = filesystem_async._write_item
+
+    @functools.wraps(real)  # megatron inspects its signature
+    def write_item(*args, **kwargs):
+        if _state is not None and any(f.action == "enospc" and f.matches("write", _state.stage, _state.step)
+                                      for f in _state.faults):
+            stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
+            stream.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stream.name))
+        return real(*args, **kwargs)
+
+    filesystem_async._write_item = write_item
