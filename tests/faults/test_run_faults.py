@@ -71,7 +71,8 @@ def test_second_start_killed_torchrun_and_a_truncated_latest_checkpoint(referenc
     code, out = fh.run(args)
     assert code == 0, out[-4000:]
     assert f"checkpoint {shard.parent} is damaged: {shard.name} has" in out and "(truncated)" in out, out[-4000:]
-    assert f"resuming from iter_0000002 instead ({stopped_at - 2} steps to redo)" in out
+    lost = stopped_at - 2
+    assert f"resuming from iter_0000002 instead ({lost} step{'s' * (lost != 1)} to redo)" in out
     assert "resumed at step 2" in out and "EOFError" not in out
     (aside,) = root.glob(f"{shard.parent.name}.damaged-*")  # kept as it was found
     assert (aside / shard.name).stat().st_size == json.loads((aside / "ttt_meta.json").read_text())["files"][
@@ -83,7 +84,7 @@ def test_second_start_killed_torchrun_and_a_truncated_latest_checkpoint(referenc
     fh.report(fault="torchrun alone killed -9", injected="kill -9 of the agent", outcome="workers saved, exited 75",
               steps_lost=0, data_lost=0, seconds_to_stop=round(stopped_s, 1))
     fh.report(fault="truncated shard in the latest checkpoint", injected="os.truncate to half",
-              outcome="damaged one set aside, resumed from iter_0000002", steps_lost=stopped_at - 2, data_lost=0)
+              outcome="damaged one set aside, resumed from iter_0000002", steps_lost=lost, data_lost=0)
 
 
 def test_disk_full_during_saves_retried_then_stopping(reference, data, tmp_path):
