@@ -14,9 +14,9 @@ Three differences from `torchrun` (torch.distributed.run), which the launch scri
   later (30 s by default) and die on SIGUSR1 (not one of its handled signals), which breaks a SLURM
   preemption save. SIGHUP and SIGQUIT keep torchrun's handling.
 - Restarts (`--max-restarts N`): torchrun restarts the worker group after any worker fails, and the
-  restarted driver resumes from the last checkpoint. A group that saved and stopped on purpose (every
-  failed worker exited 75), that was refused (every failed worker exited 2) or that was told to stop
-  (a forwarded signal) is not restarted: torchrun would otherwise train on through a preemption.
+  restarted driver resumes from the last checkpoint. A group that saved and stopped on purpose (exit 75
+  as above), that was refused (exit 2) or that was told to stop (a forwarded signal) is not restarted:
+  torchrun would otherwise train on through a preemption.
   `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (unless set): with the c10d rendezvous's store shared with
   the workers (torch's default), the restarted workers find their predecessors' keys in it and hang
   creating their process groups (pytorch/pytorch#135712; still so in torch 2.13 with gloo); unshared,
@@ -72,10 +72,10 @@ def exit_code(failures: dict) -> int:
 
 
 def restart_allowed(failures: dict) -> bool:
-    """Whether a failed worker group may be restarted: not after a stop signal, nor when every failed
-    worker exited 75 (saved and stopped) or every one 2 (refused: a restart would be refused again)."""
-    codes = {failure.exitcode for failure in failures.values()}
-    return not _stopping and codes not in ({EXIT_PREEMPTED}, {EXIT_REFUSED})
+    """Whether a failed worker group may be restarted: not after a stop signal, nor when the group's outcome
+    (`exit_code`: the workers torchrun stopped itself count as by a signal) is 75 (saved and stopped) or 2
+    (refused: a restart would be refused again)."""
+    return not _stopping and exit_code(failures) == 1
 
 
 def _no_restart_after_a_planned_stop() -> None:
