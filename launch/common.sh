@@ -5,6 +5,9 @@
 #   OMP_NUM_THREADS                 CPU threads per worker (default: the node's cores / workers per node)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits after forwarding SIGINT/SIGHUP/SIGQUIT, or after
 #                                   a worker failed, before it SIGKILLs the other workers (default: 300)
+#   MAX_RESTARTS                    times torchrun restarts the workers after one fails (default: 3); the
+#                                   restarted run resumes from the last checkpoint. A run that saved and
+#                                   stopped (exit 75) or was signalled to stop is never restarted
 # shellcheck shell=bash
 
 LAUNCH_DIR=${LAUNCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
@@ -12,6 +15,11 @@ PYTHON=${PYTHON:-python}
 TTT_ENTRY=${TTT_ENTRY:-ttt_train.train}
 export WANDB_MODE=${WANDB_MODE:-offline}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+if [[ ! $MAX_RESTARTS =~ ^[0-9]+$ ]]; then
+    echo "launch: MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'" >&2
+    exit 2
+fi
 
 # set_threads WORKERS: OMP_NUM_THREADS = cores / WORKERS (at least 1) unless already set
 set_threads() {

@@ -31,4 +31,4 @@ set_threads "$GPUS_PER_NODE"
 exec "$PYTHON" "$LAUNCH_DIR/torchrun.py" --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-ttt-train}}" --rdzv-conf "is_host=$is_host" \
-    -m "$TTT_ENTRY" "$@"
+    --max-restarts "$MAX_RESTARTS" -m "$TTT_ENTRY" "$@"

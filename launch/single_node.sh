@@ -14,4 +14,5 @@ need_int NPROC "$1"
 nproc_per_node=$1
 shift
 set_threads "$nproc_per_node"
-exec "$PYTHON" "$LAUNCH_DIR/torchrun.py" --standalone --nproc-per-node "$nproc_per_node" -m "$TTT_ENTRY" "$@"
+exec "$PYTHON" "$LAUNCH_DIR/torchrun.py" --standalone --nproc-per-node "$nproc_per_node" \
+    --max-restarts "$MAX_RESTARTS" -m "$TTT_ENTRY" "$@"

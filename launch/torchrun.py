@@ -2,7 +2,7 @@
 
     python launch/torchrun.py [torchrun options] -m MODULE [args ...]   (torchrun's own arguments)
 
-Two differences from `torchrun` (torch.distributed.run), which the launch scripts need:
+Three differences from `torchrun` (torch.distributed.run), which the launch scripts need:
 - Exit code: torchrun reports 1 whenever a worker fails, so the driver's exit codes 75 ("checkpoint
   saved, stopped early; rerun to continue", `ttt_train.training.preemption.EXIT_PREEMPTED`) and 2
   ("refused configuration") would be lost. Here the launcher exits with that code when a worker exited
@@ -13,6 +13,14 @@ Two differences from `torchrun` (torch.distributed.run), which the launch script
   torchrun itself would forward SIGTERM and SIGINT, SIGKILL the workers `--shutdown-timeout` seconds
   later (30 s by default) and die on SIGUSR1 (not one of its handled signals), which breaks a SLURM
   preemption save. SIGHUP and SIGQUIT keep torchrun's handling.
+- Restarts (`--max-restarts N`): torchrun restarts the worker group after any worker fails, and the
+  restarted driver resumes from the last checkpoint. A group that saved and stopped on purpose (exit 75
+  as above), that was refused (exit 2) or that was told to stop (a forwarded signal) is not restarted:
+  torchrun would otherwise train on through a preemption.
+  `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (unless set): with the c10d rendezvous's store shared with
+  the workers (torch's default), the restarted workers find their predecessors' keys in it and hang
+  creating their process groups (pytorch/pytorch#135712; still so in torch 2.13 with gloo); unshared,
+  rank 0 hosts a fresh store for each attempt.
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ from ttt_train.training.preemption import EXIT_PREEMPTED
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_REFUSED = 2  # the driver's "refused configuration" (ttt_train.train.EXIT_REFUSED)
+_stopping = False  # a stop signal was forwarded: no restart after it
 
 
 def _forward(signum: int, frame) -> None:
     """Send `signum` to the process group of every worker (each child leads its own session)."""
+    global _stopping
+    _stopping = True
     for child in psutil.Process().children():
         try:
             os.killpg(child.pid, signum)
@@ -60,8 +71,33 @@ def exit_code(failures: dict) -> int:
     return 1
 
 
+def restart_allowed(failures: dict) -> bool:
+    """Whether a failed worker group may be restarted: not after a stop signal, nor when the group's outcome
+    (`exit_code`: the workers torchrun stopped itself count as by a signal) is 75 (saved and stopped) or 2
+    (refused: a restart would be refused again)."""
+    return not _stopping and exit_code(failures) == 1
+
+
+def _no_restart_after_a_planned_stop() -> None:
+    """Make torchrun's agent spend no restart on a group that `restart_allowed` refuses."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitored(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and not restart_allowed(result.failures):
+            self._remaining_restarts = 0
+        return result
+
+    LocalElasticAgent._monitor_workers = monitored
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    _no_restart_after_a_planned_stop()
     names = {sig.name for sig in FORWARDED}
     args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() not in names)
     for sig in FORWARDED:

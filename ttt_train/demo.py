@@ -81,7 +81,7 @@ def make_data(item: dict) -> None:
 
 def final_checkpoint(run_dir: Path) -> tuple[Path, Path]:
     """The last stage's checkpoint root of a finished run and the iter_* folder its `latest` names."""
-    from ttt_train.training.checkpoint import latest_checkpoint
+    from ttt_train.checkpoint import latest_checkpoint
 
     roots = sorted((run_dir / "stages").glob("*/checkpoints"))
     path = latest_checkpoint(roots[-1]) if roots else None

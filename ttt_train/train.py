@@ -127,7 +127,7 @@ def _broadcast(value):
 
 def _wandb_id(stages: list[Stage], start: int, resume: Path | None) -> str | None:
     """The wandb run id stored in the checkpoint this run continues from, if any (rank 0)."""
-    from ttt_train.training.checkpoint import latest_checkpoint, read_checkpoint_info
+    from ttt_train.checkpoint import latest_checkpoint, read_checkpoint_info
 
     source = resume or (latest_checkpoint(stages[start - 1].checkpoints) if start > 0 else None)
     return read_checkpoint_info(source)["metadata"].get("wandb_id") if source is not None else None
@@ -159,22 +159,64 @@ def _expected_failures() -> tuple:
 def run(cfg, stages: list[Stage], flags) -> int:
     """Train the stages this launch plans (collective); return the exit code. `flags`: the StopFlags
     installed as early as possible (a signal during set-up then stops the run at its first step)."""
-    import traceback
-
     import torch.distributed as dist
-    from omegaconf import OmegaConf
 
     from ttt_train.runtime.distributed import init_process_group
-    from ttt_train.training.checkpoint import latest_checkpoint
+
+    init_process_group()
+    rank = dist.get_rank()
+    run_dir = Path(cfg.run.dir)
+    lock = _lock_run_folder(run_dir, cfg.run.lock_timeout_minutes, rank)
+    if lock is False:
+        return EXIT_REFUSED
+    try:
+        return _run(cfg, stages, flags, rank, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_folder(run_dir: Path, timeout_minutes: float, rank: int):
+    """Collective: rank 0 takes the run folder's lock (its RunLock; None on other ranks); False on
+    every rank, after rank 0 printed why, when another live run holds it."""
+    from ttt_train.runtime.run_lock import RunFolderLocked, RunLock
+
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir, timeout_minutes * 60)
+        except (RunFolderLocked, OSError) as err:
+            error = str(err) if isinstance(err, RunFolderLocked) else f"cannot lock run folder {run_dir}: {err}"
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        if lock is not None and lock.taken_over:
+            print(f"warning: {lock.taken_over}", file=sys.stderr, flush=True)
+    return False if _broadcast(error) else lock
+
+
+def _run(cfg, stages: list[Stage], flags, rank: int, run_dir: Path) -> int:
+    """`run` once the run folder is this run's."""
+    import traceback
+
+    from omegaconf import OmegaConf
+
+    from ttt_train.checkpoint import CheckpointDamaged, CheckpointSaveError, latest_checkpoint, recover_latest
+    from ttt_train.runtime import watchdog
     from ttt_train.training.loop import RunState, train_stage
     from ttt_train.training.metrics import MetricsWriter, new_wandb_id
     from ttt_train.training.plan import flops_per_token
     from ttt_train.training.stage_setup import build, load_start
     from ttt_train.training.start import CONFIG, move_aside
 
-    init_process_group()
-    rank = dist.get_rank()
-    run_dir = Path(cfg.run.dir)
+    _start_watchdog(cfg.run, run_dir, rank)
+    try:  # a damaged newest checkpoint: fall back to the newest intact one before anything is read
+        notes = recover_latest([stage.checkpoints for stage in stages])
+    except CheckpointDamaged as err:
+        if rank == 0:
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            _write_status(run_dir, state="failed", exit_code=EXIT_FAILED, error=one_line(err))
+        return EXIT_FAILED
+    for note in notes if rank == 0 else []:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     planned = _broadcast(_plan(cfg, stages) if rank == 0 else None)
     if isinstance(planned[0], int):  # refused, or the run folder is unreadable: every rank stops
         code, message = planned
@@ -204,8 +246,10 @@ def run(cfg, stages: list[Stage], flags) -> int:
         for k, index in enumerate(plan.todo):
             stage = stages[index]
             resume = plan.resume if k == 0 else None
+            watchdog.phase(f"building {stage.label}", generous=True)
             built = build(stage)
             previous = latest_checkpoint(stages[index - 1].checkpoints) if index and resume is None else None
+            watchdog.phase(f"loading the start of {stage.label}", generous=True)
             info = load_start(stage, built, resume=resume, previous=previous, init=cfg.init,
                               carry_optimizer=cfg.checkpoint.carry_optimizer)
             if k == 0 and rank == 0:  # the start is accepted and set up: the run folder now describes it
@@ -233,6 +277,11 @@ def run(cfg, stages: list[Stage], flags) -> int:
                 writer.print(f"{cfg.run.name}: finished all {len(stages)} stages; run folder {run_dir}")
     except ConfigError as err:
         code, state, error = EXIT_REFUSED, "refused", one_line(err)
+    except CheckpointSaveError as err:
+        code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
+        error += "; free space there and rerun the same command" if err.disk_full else "; rerun the same command"
+        if err.disk_full and cfg.checkpoint.on_save_error != "retry":
+            error += ", or set checkpoint.on_save_error=retry to train on through failed periodic saves"
     except _expected_failures() as err:
         code, state, error, trace = EXIT_FAILED, "failed", one_line(err), traceback.format_exc()
     except KeyboardInterrupt:
@@ -255,6 +304,22 @@ def run(cfg, stages: list[Stage], flags) -> int:
         status = _finished_status(stages, plan) if state == "finished" else {"state": state, "exit_code": code}
         _write_status(run_dir, **status, **extra)
     return code
+
+
+def _start_watchdog(run_cfg, run_dir: Path, rank: int) -> None:
+    """The hang watchdog (`ttt_train.runtime.watchdog`) with the run's timeouts; rank 0 records a hang in
+    status.json before the process ends. Off when run.collective_timeout_minutes is 0."""
+    from ttt_train.runtime import watchdog
+
+    if run_cfg.collective_timeout_minutes <= 0:
+        return
+
+    def on_hang(message: str) -> None:
+        if rank == 0:
+            _write_status(run_dir, state="failed", exit_code=watchdog.EXIT_HUNG, error=message)
+
+    watchdog.start(run_cfg.collective_timeout_minutes * 60, run_cfg.startup_timeout_minutes * 60,
+                   keys=("run.collective_timeout_minutes", "run.startup_timeout_minutes"), on_hang=on_hang)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,9 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED
+    from ttt_train.runtime.parent_watch import launched_by_torchrun, stop_with_parent
+
+    if launched_by_torchrun():  # killing only torchrun must not leave this worker training
+        stop_with_parent()
     try:
         return run(cfg, stages, flags)
     finally:
+        from ttt_train.runtime import watchdog
+
+        watchdog.stop()
         flags.restore()
 
 

@@ -33,11 +33,11 @@ def _train_like(model, seed: int) -> None:
 
 def _export_ttt_models(hf_dir, root, cases: dict) -> dict:
     """Rank function: for each TTT case import, change the TTT parameters, save, export with verification."""
+    from ttt_train.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
     from ttt_train.layers.ttt_config import TTTConfig
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.models.hf import export_checkpoint, import_hf
     from ttt_train.runtime.distributed import ParallelConfig
-    from ttt_train.training.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 
     diffs = {}
     for name, values in cases.items():
@@ -72,8 +72,8 @@ def _as_official_release(folder) -> None:
 def _import_official(hf_dir, out):
     """Rank function: import with the TTT config taken from the folder, verified against the
     project's HF modeling code run on the same folder; return the manifest's TTT config."""
+    from ttt_train.checkpoint import read_checkpoint_info
     from ttt_train.models.hf import import_hf
-    from ttt_train.training.checkpoint import read_checkpoint_info
 
     import_hf(hf_dir, out, verify=True, tolerance=1e-4, progress=False)
     return read_checkpoint_info(out)["manifest"]["ttt"]

@@ -63,11 +63,11 @@ def _verify(hf_dir, out, layout, ttt):
     """Build the model at `layout` from the checkpoint just written and compare with transformers."""
     from pathlib import Path
 
+    from ttt_train.checkpoint import load_checkpoint
     from ttt_train.layers.ttt_config import TTTConfig
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.models.hf.importer import resolve_configs, verify_import
     from ttt_train.runtime.distributed import ParallelConfig, initialize
-    from ttt_train.training.checkpoint import load_checkpoint
 
     model_cfg, ttt_cfg = resolve_configs(hf_dir, ttt=TTTConfig.from_dict(ttt) if ttt else None)
     parallel = ParallelConfig(**layout)
@@ -238,10 +238,10 @@ def test_byte_tokenizer_exports_for_auto_tokenizer(tmp_path):
 
 
 def _save_bf16_and_export(root):
+    from ttt_train.checkpoint import build_manifest, save_checkpoint
     from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
     from ttt_train.models.hf import export_checkpoint
     from ttt_train.runtime.distributed import ParallelConfig, initialize
-    from ttt_train.training.checkpoint import build_manifest, save_checkpoint
 
     parallel = ParallelConfig()
     initialize(parallel)

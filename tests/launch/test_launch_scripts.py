@@ -156,11 +156,14 @@ def test_slurm_does_not_requeue_otherwise(tmp_path, code):
     ([2, 75], 1),
 ])
 def test_launcher_exit_code(codes, expected):
-    """The launcher keeps the driver's 75 and 2; any other failure is 1."""
+    """The launcher keeps the driver's 75 and 2; any other failure is 1, and only that one is restarted
+    (`--max-restarts`): a group that saved and stopped, or was refused, is not."""
     import importlib.util
     from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("launch_torchrun", LAUNCH / "torchrun.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.exit_code({rank: SimpleNamespace(exitcode=c) for rank, c in enumerate(codes)}) == expected
+    failures = {rank: SimpleNamespace(exitcode=c) for rank, c in enumerate(codes)}
+    assert module.exit_code(failures) == expected
+    assert module.restart_allowed(failures) == (expected == 1)

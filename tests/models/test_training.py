@@ -115,7 +115,7 @@ def test_model_and_optimizer_resume_exactly(tmp_path, layout):
 
 
 def test_latest_pointing_at_a_missing_checkpoint_is_reported(tmp_path):
-    from ttt_train.training.checkpoint import latest_checkpoint
+    from ttt_train.checkpoint import latest_checkpoint
 
     (tmp_path / "latest").write_text("iter_0000007\n")
     with pytest.raises(FileNotFoundError, match="names iter_0000007, which is missing or incomplete"):

@@ -14,9 +14,9 @@ import re
 import torch
 import torch.distributed as dist
 
+from ttt_train.checkpoint import load_checkpoint, save_checkpoint
 from ttt_train.models import build_gpt_model, load_model_config, to_transformer_config
 from ttt_train.runtime.distributed import ParallelConfig, initialize
-from ttt_train.training.checkpoint import load_checkpoint, save_checkpoint
 from ttt_train.training.setup import DDPConfig, wrap_for_training
 from ttt_train.training.step import run_step
 
@@ -83,7 +83,7 @@ def full_grads(chunk, config) -> dict[str, torch.Tensor]:
 
 
 def ttt_layer_stats(model) -> dict[int, dict[str, float]]:
-    """`TTTMLP.ttt_stats()` of this rank's TTT layers after the last forward, by global layer index."""
+    """`TTTMLP.ttt_stats()` of this rank's TTT layers (every forward recorded so far), by global layer index."""
     from ttt_train.layers.ttt_mlp import TTTMLP
 
     return {m.layer_number - 1: {k: v.item() for k, v in m.ttt_stats().items()}
@@ -155,7 +155,7 @@ def equivalence_case(layouts: list[dict], ckpt_dir: str, model_name: str = "tiny
         loss = run_step(chunks, _micro_batches(local, micro_batch), num_microbatches=global_batch // dp // micro_batch,
                         micro_batch_size=micro_batch, seq_length=seq // parallel.cp)["loss"]
         grads = full_grads(chunks[0], config)
-        stats = ttt_layer_stats(chunks[0])  # of the last micro-batch (before the logits' forward)
+        stats = ttt_layer_stats(chunks[0])  # of every micro-batch since the build (before the logits' forward)
         keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         logits = None
         if parallel.pp == 1 and parallel.cp == 1:

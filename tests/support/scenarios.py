@@ -91,7 +91,7 @@ def crash_during_save(root: str) -> dict:
 
     from megatron.core import dist_checkpointing
 
-    from ttt_train.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from ttt_train.checkpoint import CheckpointSaveError, latest_checkpoint, load_checkpoint, save_checkpoint
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -108,7 +108,7 @@ def crash_during_save(root: str) -> dict:
     with mock.patch.object(dist_checkpointing, "save", broken_save):
         try:
             save_checkpoint(root, 2, chunks)
-        except OSError as err:
+        except CheckpointSaveError as err:  # the OSError, reported alike on every rank
             error = str(err)
     meta = load_checkpoint(root, chunks)
     return dict(error=error, latest=latest_checkpoint(root).name, meta=meta)
@@ -124,7 +124,7 @@ def pp_tied_build() -> bool:
 
 
 def checkpoint_save(root: str) -> bool:
-    from ttt_train.training.checkpoint import save_checkpoint
+    from ttt_train.checkpoint import save_checkpoint
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -251,14 +251,15 @@ def _ttt_stats_by_hand(z, v, weight, chunk, lr, tau, doc_ids) -> dict:
     norms = torch.stack(norms)
     return dict(update_norm_mean=norms.mean().item(), update_norm_max=norms.max().item(),
                 clipped_fraction=(norms > tau).double().mean().item(),
-                fast_weight_rel_change=torch.stack(rel).mean().item(), target_norm=v.norm(dim=-1).mean().item())
+                fast_weight_rel_change=torch.stack(rel).mean().item(), fast_weight_rel_change_max=max(rel).item(),
+                target_norm=v.norm(dim=-1).mean().item(), target_norm_max=v.norm(dim=-1).max().item())
 
 
 def resume_losses(root: str, layout: dict) -> dict:
     """Train 4 steps straight; and train 2, save model + optimizer, rebuild from scratch with another
     seed, load, train 2 more. Returns both loss lists (they must agree exactly)."""
+    from ttt_train.checkpoint import load_checkpoint, save_checkpoint
     from ttt_train.layers.ttt_config import TTTConfig
-    from ttt_train.training.checkpoint import load_checkpoint, save_checkpoint
 
     def build(seed):
         parallel = ParallelConfig(seed=seed, **layout)

@@ -50,12 +50,12 @@ def env() -> dict:
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
 
 
-def torchrun(overrides: list[str], nproc: int = 2) -> subprocess.Popen:
+def torchrun(overrides: list[str], nproc: int = 2, extra_env: dict | None = None) -> subprocess.Popen:
     """Start the driver under torchrun in its own process group (output to a pipe)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(_port()), "-m", "ttt_train.train", *overrides]
-    return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(command, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _port() -> int:
@@ -64,8 +64,13 @@ def _port() -> int:
     return free_port()
 
 
-def run_to_end(overrides: list[str], nproc: int = 2, timeout: float = 400) -> tuple[int, str]:
-    proc = torchrun(overrides, nproc)
+def run_to_end(overrides: list[str], nproc: int = 2, timeout: float = 400,
+               extra_env: dict | None = None) -> tuple[int, str]:
+    return finish(torchrun(overrides, nproc, extra_env), timeout)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+    """(exit code, output) of a started driver; killed (and the test failed) after `timeout` s."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -66,7 +66,7 @@ def _error(fn) -> str:
 
 def strict_loading(root: str) -> dict:
     """Save a 4-layer TTT model (layer 0) after one step; load it into models that do and do not fit."""
-    from ttt_train.training import checkpoint as ckpt
+    from ttt_train import checkpoint as ckpt
 
     chunks, opt, model_cfg, ttt_cfg, parallel = _build(ttt={"layers": [0]}, num_layers=4)
     _train_step(chunks, opt, model_cfg.vocab_size)
@@ -104,9 +104,10 @@ def _save_with_crash(root: Path, step: int, chunks, op: str, nth: int) -> tuple[
     Returns the error ("no error" if the save had fewer such calls) and the completed targets' names."""
     from unittest import mock
 
-    from ttt_train.training import checkpoint as ckpt
+    from ttt_train import checkpoint as ckpt
+    from ttt_train.checkpoint import save as saving
 
-    real = {"replace": ckpt.os.replace, "rmtree": ckpt.shutil.rmtree}
+    real = {"replace": saving.os.replace, "rmtree": saving.shutil.rmtree}
     calls, done = {"replace": 0, "rmtree": 0}, []
 
     def failing(kind):
@@ -118,8 +119,8 @@ def _save_with_crash(root: Path, step: int, chunks, op: str, nth: int) -> tuple[
             done.append(Path(args[-1] if kind == "replace" else args[0]).name)
         return wrapped
 
-    with mock.patch.object(ckpt.os, "replace", failing("replace")), \
-            mock.patch.object(ckpt.shutil, "rmtree", failing("rmtree")):
+    with mock.patch.object(saving.os, "replace", failing("replace")), \
+            mock.patch.object(saving.shutil, "rmtree", failing("rmtree")):
         error = _error(lambda: ckpt.save_checkpoint(root, step, chunks, metadata={"version": "new"}))
     return error, done
 
@@ -128,7 +129,7 @@ def crash_points(root: str) -> dict:
     """Crash (raise) at each file operation of a new save and of a re-save of the same step, one
     case per operation; after each crash record what `latest` loads, then let a clean save run and
     record what it left behind besides iter_* folders and `latest`."""
-    from ttt_train.training import checkpoint as ckpt
+    from ttt_train import checkpoint as ckpt
 
     chunks, _, _, _, _ = _build(optimizer=False)
     root = Path(root)
@@ -176,7 +177,7 @@ def two_rank_checks(root: str) -> dict:
     distributed optimizer saves, and its state is refused clearly where megatron cannot load it."""
     import torch.distributed as dist
 
-    from ttt_train.training import checkpoint as ckpt
+    from ttt_train import checkpoint as ckpt
 
     root = Path(root)
     chunks, opt, model_cfg, _, _ = _build(seed=1)
@@ -261,7 +262,7 @@ def _fake_checkpoint(folder: Path, **meta) -> None:
 
 
 def test_latest_refuses_incomplete_folders_precisely(tmp_path):
-    from ttt_train.training.checkpoint import latest_checkpoint, read_checkpoint_info
+    from ttt_train.checkpoint import latest_checkpoint, read_checkpoint_info
 
     _fake_checkpoint(tmp_path / "iter_0000003", world_size=2, rank_states=True)
     (tmp_path / "iter_0000003" / "rank_states").mkdir()
@@ -279,11 +280,11 @@ def test_latest_refuses_incomplete_folders_precisely(tmp_path):
 
 
 def test_manifest_compares_what_is_expected_and_names_each_difference():
+    from ttt_train.checkpoint import build_manifest, manifest_differences
     from ttt_train.data.tokenizer import load_tokenizer
     from ttt_train.layers.ttt_config import TTTConfig
     from ttt_train.models import load_model_config
     from ttt_train.runtime.distributed import ParallelConfig
-    from ttt_train.training.checkpoint import build_manifest, manifest_differences
 
     byte = load_tokenizer("byte")
     stored = json.loads(json.dumps(build_manifest(load_model_config("tiny"), TTTConfig(every=2), ParallelConfig(tp=2),

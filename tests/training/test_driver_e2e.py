@@ -30,7 +30,7 @@ def reference(tmp_path_factory, data):
 
 
 def test_two_stage_curriculum(reference, data):
-    from ttt_train.training.checkpoint import read_checkpoint_info
+    from ttt_train.checkpoint import read_checkpoint_info
 
     run_dir, out = reference
     stage0 = read_checkpoint_info(run_dir / "stages" / "0_ctx1k" / "checkpoints")

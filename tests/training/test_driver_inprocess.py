@@ -53,9 +53,11 @@ def test_nonfinite_steps_are_skipped_then_stop_without_checkpoint(tmp_path, data
     assert run_local_ranks(sc.nan_after, 1, overrides, 4, timeout=400) == [1]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 1
+    # NaN multiplied into the per-token losses: every activation is finite, the gradients are not from the
+    # last place with parameters down
     assert status["error"].startswith("step 5: loss nan / gradient norm nan not finite for 3 steps in a row "
-                                      "(training.max_skipped_steps=2); TTT layer ")
-    assert "has the largest update norm" in status["error"]
+                                      "(training.max_skipped_steps=2); activations finite; non-finite gradients "
+                                      "from the final norm down (decoder.final_layernorm.weight, rank 0)")
     checkpoints = sorted(p.name for p in (run_dir / "stages" / "0_ctx1k" / "checkpoints").glob("iter_*"))
     assert checkpoints == ["iter_0000001", "iter_0000002"]
     skipped = {r["step"]: r["skipped_steps"] for r in h.records(run_dir)}

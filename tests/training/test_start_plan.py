@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.training import driver_helpers as h
-from ttt_train.training.checkpoint import META, checkpoint_name
+from ttt_train.checkpoint import META, checkpoint_name
 from ttt_train.training.config import ConfigError, compose
 from ttt_train.training.curriculum import resolve
 from ttt_train.training.start import CONFIG, plan_start
@@ -161,9 +161,9 @@ def test_data_moved_to_another_path_is_no_change(run, data, tmp_path):
     another seed (other samples) is refused."""
     import shutil
 
+    from ttt_train.checkpoint import build_manifest
     from ttt_train.data.datasets import dataset_fingerprint
     from ttt_train.data.tokenizer import load_tokenizer
-    from ttt_train.training.checkpoint import build_manifest
 
     stages = run.start()
     s0 = stages[0]

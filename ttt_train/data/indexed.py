@@ -3,7 +3,8 @@ writing documents atomically, merging pieces, a dataset's identity, and checking
 
 Every tool here writes one megatron sequence per document (GPTDataset's unit) and records in the
 sidecar what built it (tokenizer spec and fingerprint, EOD id, largest token id, the sizes of the two
-files), so a mismatch is caught before training.
+files and a sample of the .bin's content), so a mismatch is caught before training. Opening a
+dataset checks its .idx against the .bin's size (`check_index`), sidecar or not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gc
 import hashlib
 import json
 import os
+import struct
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,7 +25,12 @@ from tqdm import tqdm
 
 with warnings.catch_warnings():  # importing megatron.core warns that TE/Apex are absent: expected here
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import (
+        _INDEX_HEADER,
+        DType,
+        IndexedDataset,
+        IndexedDatasetBuilder,
+    )
 
 from ttt_train.data.errors import DataError, DataFileNotFoundError
 from ttt_train.data.tokenizer import Tokenizer
@@ -90,9 +97,59 @@ def atomic_outputs(prefix: str) -> Iterator[str]:
 
 
 def open_dataset(prefix: str) -> IndexedDataset:
-    """Open `prefix`, refusing with the missing path named when it is absent."""
+    """Open `prefix`, refusing (DataError naming the file) a missing file, an unreadable .idx, and a
+    .bin that is not the file its .idx describes (`check_index`)."""
     _require_files(prefix)
+    check_index(prefix)
     return IndexedDataset(prefix)
+
+
+_HEADER = 34  # magic (9), version (8), dtype code (1), sequence count (8), document count (8)
+
+
+def check_index(prefix: str) -> None:
+    """Refuse (DataError naming the file) an .idx that is not a readable megatron index (version 1),
+    or a .bin that is not the file it describes: the .bin's size must be the end of the last
+    sequence (a truncated or grown .bin, or an .idx of another dataset, fails) and the document
+    boundaries must cover every sequence. Reads the header and a few numbers of the .idx only."""
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    size = os.path.getsize(idx)
+
+    def unreadable(problem: str) -> DataError:
+        return DataError(f"indexed dataset {prefix!r}: {idx} is not a readable megatron index ({problem}); "
+                         f"rebuild the dataset")
+
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER)
+        if len(head) < _HEADER or head[:9] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+            raise unreadable("no version-1 index header")
+        count, documents = struct.unpack("<QQ", head[18:34])
+        try:
+            dtype_size = DType.size(DType.dtype_from_code(head[17]))
+        except (KeyError, ValueError) as err:
+            raise unreadable(f"unknown token dtype code {head[17]}") from err
+        if size < _HEADER + 12 * count + 8 * documents:
+            raise unreadable(f"{size} bytes, its header describes {_HEADER + 12 * count + 8 * documents}: truncated")
+
+        def number(offset: int, fmt: str) -> int:
+            f.seek(offset)
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        expected = 0 if count == 0 else \
+            number(_HEADER + 12 * count - 8, "<q") + number(_HEADER + 4 * (count - 1), "<i") * dtype_size
+        bounds = (number(_HEADER + 12 * count, "<q"), number(_HEADER + 12 * count + 8 * (documents - 1), "<q")) \
+            if documents else None
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        cause = "truncated" if actual < expected else "longer than its index says"
+        raise DataError(
+            f"indexed dataset {prefix!r}: {bin_path} has {actual} bytes but {idx} describes {expected} "
+            f"({count} sequences, {expected // dtype_size} tokens): the .bin is {cause}, or the two files belong "
+            f"to different datasets; rebuild the dataset"
+        )
+    if bounds != (0, count):
+        raise DataError(f"indexed dataset {prefix!r}: {idx} is inconsistent (its document boundaries do not cover "
+                        f"its {count} sequences); rebuild the dataset")
 
 
 def _require_files(prefix: str) -> None:
@@ -127,6 +184,13 @@ def read_sidecar(prefix: str) -> dict | None:
                 f"{path} describes a {suffix} of {recorded} bytes but {prefix + suffix} has "
                 f"{os.path.getsize(prefix + suffix)}: the dataset changed without its sidecar; rebuild it"
             )
+    sample = meta.get("bin_sample_sha256")
+    if sample is not None and os.path.exists(prefix + ".bin") and \
+            _bin_sample_sha256(prefix + ".bin", *_stat_key(prefix + ".bin")) != sample:
+        raise DataError(
+            f"{prefix}.bin does not hold the tokens {path} describes (a sample of its content differs, its size "
+            f"does not): it was replaced or corrupted after the dataset was built; rebuild the dataset"
+        )
     return meta
 
 
@@ -141,9 +205,11 @@ def sidecar_fields(tool: str, tokenizer, *, vocab_size: int, dtype: str, documen
 
 
 def write_sidecar(prefix: str, meta: dict) -> None:
-    """Write PREFIX.meta.json (atomically), adding the sizes of PREFIX.bin/.idx (`bin_bytes`,
-    `idx_bytes`) that `read_sidecar` checks."""
-    meta = {**meta, **{f"{s[1:]}_bytes": os.path.getsize(prefix + s) for s in (".bin", ".idx")}}
+    """Write PREFIX.meta.json (atomically), adding what `read_sidecar` checks: the sizes of
+    PREFIX.bin/.idx (`bin_bytes`, `idx_bytes`) and a sample of the .bin's content
+    (`bin_sample_sha256`, see `_bin_sample_sha256`)."""
+    meta = {**meta, **{f"{s[1:]}_bytes": os.path.getsize(prefix + s) for s in (".bin", ".idx")},
+            "bin_sample_sha256": _bin_sample_sha256(prefix + ".bin", *_stat_key(prefix + ".bin"))}
     path = sidecar_path(prefix)
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
@@ -162,16 +228,37 @@ def sidecar_tokenizer(prefix: str, meta: dict | None) -> str | None:
 
 def dataset_identity(prefix: str) -> str:
     """sha256 identifying PREFIX's data whatever its path or mtime: of the .idx bytes (every
-    document length and boundary: all megatron's indices depend on), the .bin size, and the tokenizer
-    fingerprint of the sidecar. Rebuilding a dataset in place changes it."""
+    document length and boundary: all megatron's indices depend on), the .bin size and a sample of
+    its content (`_bin_sample_sha256`), and the tokenizer fingerprint of the sidecar. Rebuilding or
+    replacing a dataset in place changes it."""
     _require_files(prefix)
     meta = read_sidecar(prefix) or {}
     parts = [
         _file_sha256(prefix + ".idx", *_stat_key(prefix + ".idx")),
         str(os.path.getsize(prefix + ".bin")),
+        _bin_sample_sha256(prefix + ".bin", *_stat_key(prefix + ".bin")),
         str(meta.get("tokenizer_fingerprint")),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 1 << 16
+
+
+@functools.lru_cache(maxsize=256)
+def _bin_sample_sha256(path: str, *stat_key) -> str:
+    """sha256 of 64 blocks of 64 KiB at evenly spaced offsets of the file (the whole file when it is
+    smaller than 4 MiB): a few MiB read whatever the size, which catches a .bin replaced by another
+    of the same size. Cached per process by `stat_key`."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _SAMPLE_BYTES:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLE_BLOCKS - 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def _stat_key(path: str) -> tuple[str, int, int, int, int]:

@@ -44,7 +44,7 @@ def default_label(path: Path) -> str:
 def export_cached(checkpoint: Path, cache_dir: Path) -> Path:
     """HF directory of `checkpoint` (root or iter_* folder), exported by
     `ttt_train.models.hf.export_checkpoint` (verified) into `cache_dir` once per iter_* folder path."""
-    from ttt_train.training.checkpoint import read_checkpoint_info
+    from ttt_train.checkpoint import read_checkpoint_info
 
     source = Path(read_checkpoint_info(checkpoint)["path"]).resolve()
     out = cache_dir / f"{default_label(checkpoint)}-{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"

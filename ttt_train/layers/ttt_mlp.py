@@ -18,7 +18,8 @@ transformer block's `context` argument (unused by self-attention-only GPT layers
 Collectives, each entered by every rank of its group whatever the documents: over TP, the target's
 gradient all-reduce, the sequence gathers (source, doc ids) and the output reduction under SP, the
 clip-norm all-reduces (one per update, forward and backward: their number follows the chunk plan,
-so TP ranks must see the same doc ids, as they see the same micro-batch) and one all-reduce of the
+so TP ranks must see the same doc ids, as they see the same micro-batch) and, while `record_stats`
+is on (the driver turns it on for the steps it logs, on every rank alike), one all-reduce of the
 statistics per forward; over CP, the prefix scan, forward and (the correction being added on every
 rank, masked) backward.
 """
@@ -108,7 +109,8 @@ class TTTMLP(MLP):
         self.target_source = None
         self.layer_number = None
         self.scan_stats: ScanStats | None = None  # counts of the last context-parallel scan (its backward's too, once run)
-        self._last_stats = None  # raw statistics of the last forward, see ttt_stats()
+        self.record_stats = True  # accumulate statistics in forward (see ttt_stats); the driver sets it per step
+        self._stats = None  # the accumulator of ttt_stats(), [STATS_FIELDS] float64, or None
         with torch.random.fork_rng(devices=[]):  # leaves the base model's initialisation untouched
             self.ttt_target = ReplicatedTarget(config.hidden_size, kernel_size=ttt.conv_size, use_proj=ttt.use_proj,
                                                 init_std=config.init_method_std, dtype=config.params_dtype,
@@ -172,49 +174,55 @@ class TTTMLP(MLP):
         return out, None
 
     def ttt_stats(self) -> dict[str, torch.Tensor]:
-        """Statistics of the last forward (the last micro-batch), detached float32 0-dim tensors.
-
-        - `update_norm_mean`, `update_norm_max`: `||lr V_i^T Z_i||_F` before clipping, of the whole
-          matrix (over TP), over the (chunk, last document) updates this rank computed;
-        - `clipped_fraction`: the fraction of those updates that were clipped (0 without clipping);
-        - `fast_weight_rel_change`: mean over rows of `||W_end - W_down||_F / ||W_down||_F`, with
-          `W_end` the fast weight the last chunk (of this rank's last shard under CP, prefix
-          included) applies to its first document;
-        - `target_norm`: mean L2 norm of the target rows `v_t`.
-        Identical on the ranks of a TP group; under CP each rank reports its own shards. Reading
-        them costs no collective (the TP sums happened in the forward); `.item()` syncs the host.
+        """Statistics of the forwards recorded since `reset_stats()` on this rank, detached float32 0-dim
+        tensors (`summarize_ttt_stats`); `ttt_train.training.metrics.gather_ttt_stats` reduces them over
+        data- and context-parallel ranks. Identical on the ranks of a TP group; under CP each rank
+        covers its own shards. Reading them costs no collective; `.item()` syncs the host.
         """
-        if self._last_stats is None:
-            raise RuntimeError(f"TTT layer {self.layer_number}: ttt_stats() before any forward")
-        norms, clipped, sq, target_norm = self._last_stats
-        count = max(norms.numel(), 1)
-        return {"update_norm_mean": (norms.sum() / count).float(),
-                "update_norm_max": torch.cat([norms, norms.new_zeros(1)]).max().float(),
-                "clipped_fraction": (clipped.sum() / count).float(),
-                "fast_weight_rel_change": (sq[:-1].sqrt() / sq[-1].sqrt().clamp_min(1e-30)).mean().float(),
-                "target_norm": target_norm.float()}
+        if self._stats is None:
+            raise RuntimeError(f"TTT layer {self.layer_number}: ttt_stats() before any recorded forward")
+        return summarize_ttt_stats(self._stats)
+
+    def stats_accumulator(self) -> torch.Tensor:
+        """The raw accumulator `[STATS_FIELDS]` float64 (zeros before any recorded forward)."""
+        if self._stats is None:
+            return torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=self.linear_fc2.weight.device)
+        return self._stats
+
+    def reset_stats(self) -> None:
+        self._stats = None
 
     @torch.no_grad()
     def _record_stats(self, norms, clipped, delta, v, norm_group) -> None:
-        """Keep what `ttt_stats` needs: squared norms of each row's state change `delta` `[B, d, h/tp]`
-        and of W_down, summed over TP (one small all-reduce, entered by every TP rank)."""
+        """Add one forward to the accumulator: update norms `[U]` and their clipping, each row's state change
+        `delta` `[B, d, h/tp]` relative to W_down (squared norms summed over TP: one small all-reduce,
+        entered by every TP rank), and the target rows' norms. Sums and maxima only: a forward recorded
+        twice (activation recompute) leaves every mean and maximum unchanged."""
         weight = self.linear_fc2.weight.detach()
         sq = torch.cat([delta.square().sum((1, 2)), weight.float().square().sum().reshape(1).to(delta.dtype)])
         if norm_group is not None:
             torch.distributed.all_reduce(sq, group=norm_group)
-        self._last_stats = (norms, clipped, sq, v.detach().float().norm(dim=-1).mean())
+        rel = sq[:-1].sqrt() / sq[-1].sqrt().clamp_min(1e-30)
+        target = v.detach().float().norm(dim=-1)
+        count = norms.new_tensor
+        values = torch.stack([x.double().reshape(()) for x in (
+            norms.sum(), count(norms.numel()), torch.cat([norms, norms.new_zeros(1)]).max(), clipped.sum(),
+            rel.sum(), count(rel.numel()), rel.max(), target.sum(), count(target.numel()), target.max())])
+        self._stats = values if self._stats is None else merge_ttt_stats(self._stats, values)
 
     def _ttt_down_projection(self, z, v, doc_ids, norm_group):
         """z `[b, S, h/tp]`, v `[b, S, d]` -> this rank's partial output `[b, S, d]`."""
         kwargs = dict(chunk_size=self.ttt.chunk_size, lr=self.ttt_lr, max_update_norm=self.ttt.max_update_norm,
-                      norm_group=norm_group, return_stats=True)
+                      norm_group=norm_group, return_stats=self.record_stats)
         cp_group = ps.get_context_parallel_group()
         if cp_group.size() > 1:
             return self._context_parallel_ttt(z, v.to(z.dtype), doc_ids, cp_group, kwargs)
         weight = self.linear_fc2.weight
-        out, stats = inplace_ttt(z, v.to(z.dtype), weight, doc_ids=doc_ids, **kwargs)
-        delta = stats.last_state - weight.detach().to(stats.last_state.dtype)
-        self._record_stats(stats.update_norms, stats.clipped, delta, v, norm_group)
+        out = inplace_ttt(z, v.to(z.dtype), weight, doc_ids=doc_ids, **kwargs)
+        if self.record_stats:
+            out, stats = out
+            delta = stats.last_state - weight.detach().to(stats.last_state.dtype)
+            self._record_stats(stats.update_norms, stats.clipped, delta, v, norm_group)
         return out
 
     def _scan_settings(self, cp_group, state: torch.Tensor) -> tuple[str, torch.dtype]:
@@ -254,9 +262,9 @@ class TTTMLP(MLP):
         stats = []
 
         def run(shard):
-            out, final, shard_stats = inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
-                                                  output_final_state=True, **kwargs)
-            stats.append(shard_stats)
+            out, final, *shard_stats = inplace_ttt(z[:, shard], v[:, shard], weight, doc_ids=doc_ids[:, shard],
+                                                   output_final_state=True, **kwargs)
+            stats.extend(shard_stats)
             return out, final - weight.to(final.dtype)
 
         out_first, sum_first = run(shards[0])
@@ -279,10 +287,45 @@ class TTTMLP(MLP):
             # collective, so its output must reach every rank's graph whatever the documents are.
             correction = torch.bmm(z[:, shard].to(prefix_sums.dtype), prefix_sums[i].transpose(1, 2))
             outputs.append(out + (continues.unsqueeze(-1) * correction).to(out.dtype))
-        # the state the second shard's last chunk reads (`continues` is the second shard's now)
+        if self.record_stats:
+            self._record_cp_stats(stats, continues, prefix_sums[1], weight, seq, v, kwargs["norm_group"])
+        return torch.cat(outputs, dim=1)
+
+    def _record_cp_stats(self, stats, continues, prefix_sum, weight, seq, v, norm_group) -> None:
+        """`_record_stats` of a context-parallel forward: the state the second shard's last chunk reads
+        (`continues` `[B, L]`: the second shard's tokens continuing the received prefix `prefix_sum`)."""
         last = stats[1].last_state
         gate = continues[:, (seq // 2 - 1) // self.ttt.chunk_size * self.ttt.chunk_size].to(last.dtype)
-        delta = last - weight.detach().to(last.dtype) + gate[:, None, None] * prefix_sums[1].detach()
+        delta = last - weight.detach().to(last.dtype) + gate[:, None, None] * prefix_sum.detach()
         self._record_stats(torch.cat([s.update_norms for s in stats]), torch.cat([s.clipped for s in stats]), delta,
-                           v, kwargs["norm_group"])
-        return torch.cat(outputs, dim=1)
+                           v, norm_group)
+
+
+STATS_FIELDS = ("norm_sum", "norm_count", "norm_max", "clipped_count", "rel_sum", "rel_count", "rel_max",
+                "target_sum", "target_count", "target_max")
+"""The accumulator of `TTTMLP.ttt_stats`: sums and counts, and maxima (`STATS_MAX`), over recorded forwards."""
+STATS_MAX = torch.tensor([name.endswith("_max") for name in STATS_FIELDS])
+
+
+def merge_ttt_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two accumulators `[..., STATS_FIELDS]` as one: sums added, maxima the larger."""
+    return torch.where(STATS_MAX.to(a.device), torch.maximum(a, b), a + b)
+
+
+def summarize_ttt_stats(acc: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics of an accumulator, float32 0-dim tensors:
+
+    - `update_norm_mean`, `update_norm_max`: `||lr V_i^T Z_i||_F` before clipping, of the whole matrix
+      (over TP), over the (chunk, last document) updates of every recorded forward;
+    - `clipped_fraction`: the fraction of those updates that were clipped (0 without clipping);
+    - `fast_weight_rel_change` (mean over rows of all forwards) and `fast_weight_rel_change_max`:
+      `||W_end - W_down||_F / ||W_down||_F`, with `W_end` the fast weight the last chunk (of this
+      rank's last shard under CP, prefix included) applies to its first document;
+    - `target_norm`, `target_norm_max`: mean and largest L2 norm of the target rows `v_t`.
+    """
+    f = dict(zip(STATS_FIELDS, acc.float().unbind(-1)))
+    return {"update_norm_mean": f["norm_sum"] / f["norm_count"].clamp_min(1), "update_norm_max": f["norm_max"],
+            "clipped_fraction": f["clipped_count"] / f["norm_count"].clamp_min(1),
+            "fast_weight_rel_change": f["rel_sum"] / f["rel_count"].clamp_min(1),
+            "fast_weight_rel_change_max": f["rel_max"],
+            "target_norm": f["target_sum"] / f["target_count"].clamp_min(1), "target_norm_max": f["target_max"]}

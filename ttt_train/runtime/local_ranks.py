@@ -118,6 +118,7 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 for r in dead:
                     if r not in reports:
                         reports[r] = ("error", f"process exited with code {procs[r].exitcode} before reporting")
+                        deadline = min(deadline, time.monotonic() + 5.0)  # as for a reported error
             if time.monotonic() > deadline:
                 break
     finally:

@@ -151,12 +151,17 @@ class CheckpointConfig:
     """Checkpoints of each stage go to `<run.dir>/stages/<k>_<name>/checkpoints`. Saved every
     `every_steps` steps and every `every_minutes` minutes (0: off), at each stage's end and on
     preemption; the newest `keep_last` are kept. `carry_optimizer`: a stage starts with the previous
-    stage's optimizer state (its own schedule and learning rates) instead of a fresh optimizer."""
+    stage's optimizer state (its own schedule and learning rates) instead of a fresh optimizer.
+    `on_save_error`: when a periodic save fails (e.g. a full disk; the previous checkpoint stays the
+    one `latest` names), `stop` the run (exit 1, one line naming the folder and the space needed)
+    or `retry` at the next interval while training on. A failed save at a stage's end or on a stop
+    always stops the run."""
 
     every_steps: int = 0
     every_minutes: float = 0.0
     keep_last: int = 2
     carry_optimizer: bool = False
+    on_save_error: str = "stop"
 
 
 @dataclass
@@ -219,7 +224,14 @@ class RunConfig:
     (SIGINT: Ctrl-C). stages: train only these stages (indices or names, e.g. [1] or [ctx4k]; null:
     every stage not finished); each needs the stage before it finished. restart_stages: with `stages`,
     train the chosen stages again from their start: their folders and those of the stages after
-    them are moved aside (`stages/<k>_<name>.replaced-<time>`), never deleted."""
+    them are moved aside (`stages/<k>_<name>.replaced-<time>`), never deleted.
+    lock_timeout_minutes: the run folder's lock (`run.lock`, refreshed every few seconds by the
+    running job) is taken over by a new start once its heartbeat is this old, or at once when its
+    owner was on this host and is dead.
+    collective_timeout_minutes: a rank stuck this long in one micro-batch or step (after a stage's
+    first step) stops the run with a message naming the unresponsive rank and what it was doing, and
+    no checkpoint (0: no watchdog); startup_timeout_minutes: the same before a stage's first step and
+    in checkpoint saves and loads (see ttt_train/runtime/watchdog.py)."""
 
     name: str | None = None
     dir: str | None = None
@@ -229,6 +241,9 @@ class RunConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     stages: list[Any] | None = None
     restart_stages: bool = False
+    lock_timeout_minutes: float = 10.0
+    collective_timeout_minutes: float = 10.0
+    startup_timeout_minutes: float = 30.0
 
 
 @dataclass

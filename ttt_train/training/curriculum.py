@@ -313,4 +313,9 @@ def resolve(cfg, world_size: int, *, check_files: bool = True) -> list[Stage]:
           f"logging.wandb.mode={cfg.logging.wandb.mode}: the wandb package is not installed; pip install wandb, "
           f"or set logging.wandb.mode=disabled (metrics.jsonl is written either way)")
     _need(cfg.run.exit_after_minutes >= 0, "run.exit_after_minutes must be >= 0 (0: off)")
+    for key in ("collective_timeout_minutes", "startup_timeout_minutes"):
+        _need(getattr(cfg.run, key) >= 0, f"run.{key}={getattr(cfg.run, key)}: must be >= 0 (0: no hang watchdog)")
+    _need(cfg.run.lock_timeout_minutes > 0, f"run.lock_timeout_minutes={cfg.run.lock_timeout_minutes}: must be > 0")
+    _need(cfg.checkpoint.on_save_error in ("stop", "retry"),
+          f"checkpoint.on_save_error={cfg.checkpoint.on_save_error!r}: use stop or retry")
     return stages

@@ -88,24 +88,40 @@ def console_line(record: dict, stage_label: str, total_steps: int, eta_s: float)
     return "  ".join(parts)
 
 
-def ttt_layer_stats(layers: list) -> dict[int, dict]:
-    """{global layer index: {stat: float}} from each TTT layer's `ttt_stats()` (statistics of the last
-    micro-batch: update norms, clipped fraction, relative fast-weight change, target norm)."""
-    out = {}
+def record_ttt_stats(layers: list, on: bool) -> None:
+    """Switch the TTT layers' statistics on (cleared: a new step to log) or off (no cost in forward).
+    Every rank must pass the same `on`: recording adds a TP all-reduce to each TTT forward."""
     for layer in layers:
-        out[layer.layer_number - 1] = {k: float(v) for k, v in layer.ttt_stats().items()}
-    return out
+        layer.record_stats = on
+        if on:
+            layer.reset_stats()
 
 
 def gather_ttt_stats(layers: list) -> dict[int, dict]:
-    """Every rank's TTT layer stats on rank 0 (collective over the world; {} elsewhere).
-
-    Layers split over pipeline stages are merged; tensor-parallel copies agree, and under context
-    parallelism the lowest rank's (its own shards') statistics are kept.
+    """{global layer index: {stat: float}} on rank 0 ({} elsewhere): each TTT layer's statistics over the
+    forwards recorded since `record_ttt_stats(layers, True)` (every micro-batch of the step) and over
+    all data- and context-parallel ranks (sums and counts added, maxima the largest; see
+    `ttt_train.layers.ttt_mlp.summarize_ttt_stats`). Layers split over pipeline stages are merged;
+    tensor-parallel copies agree. Collective: two small all-reduces over the data x context-parallel
+    group and a gather over the world, entered by every rank whatever it recorded.
     """
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
-    mine = ttt_layer_stats(layers)
+    from ttt_train.layers.ttt_mlp import STATS_MAX, summarize_ttt_stats
+
+    mine = {}
+    if layers:
+        acc = torch.stack([layer.stats_accumulator() for layer in layers])  # [layers, fields]
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        if group.size() > 1:
+            is_max = STATS_MAX.to(acc.device)
+            sums, maxima = torch.where(is_max, 0.0, acc), acc.clone()
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+            acc = torch.where(is_max, maxima, sums)
+        for layer, row in zip(layers, acc):
+            mine[layer.layer_number - 1] = {k: float(v) for k, v in summarize_ttt_stats(row).items()}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     merged: dict[int, dict] = {}

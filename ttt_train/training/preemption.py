@@ -2,12 +2,15 @@
 
 A signal handler only sets a flag. After every step all ranks enter one small all-reduce (MAX) of
 [signal seen, wall-time limit reached, periodic save due]; so they act on the same step, save the
-same checkpoint and exit together with `EXIT_PREEMPTED` (the launch scripts requeue on it).
+same checkpoint and exit together with `EXIT_PREEMPTED` (the launch scripts requeue on it). The
+wall-time clock is a parameter (`clock`, default `time.monotonic`): tests drive the time limits with
+a fake one instead of sleeping.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import torch
@@ -21,9 +24,11 @@ EXIT_PREEMPTED = 75
 class StopFlags:
     """Per-rank flags (signal received, time limit, periodic save clock) and their step-boundary agreement."""
 
-    def __init__(self, signal_names: list[str], exit_after_minutes: float, save_every_minutes: float):
+    def __init__(self, signal_names: list[str], exit_after_minutes: float, save_every_minutes: float,
+                 clock=time.monotonic):
         self.received: str | None = None
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self.exit_after_s = exit_after_minutes * 60
         self.save_every_s = save_every_minutes * 60
         self.last_save = self.start
@@ -51,11 +56,24 @@ class StopFlags:
         to each worker's whole process group: without this a preemption signal kills it and the save
         fails. An ignored signal stays ignored across exec; this rank's own handlers are restored
         right after. (The writer processes of each save are forked: they inherit the flag-only handler.)
+
+        Ignoring SIGTERM, the manager would outlive a rank that is killed (kill -9, the OOM killer): an
+        orphan holding the rank's memory and its stdout, which keeps a launcher's pipe open. So it is
+        started here, as megatron would, but asks the kernel to SIGKILL it when this rank dies (Linux).
         """
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
         from ttt_train.runtime import megatron_compat
 
         handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.previous}
         try:
+            if filesystem_async._results_queue is None and sys.platform == "linux":  # the same global 0.16-0.19
+                from multiprocessing import get_context
+                from multiprocessing.managers import SyncManager
+
+                self._manager = SyncManager(ctx=get_context("spawn"))
+                self._manager.start(_die_with_parent)
+                filesystem_async._results_queue = self._manager.Queue()
             megatron_compat.write_results_queue()
         finally:
             for sig, handler in handlers.items():
@@ -63,7 +81,7 @@ class StopFlags:
 
     def saved(self) -> None:
         """A checkpoint was just written: restart the periodic-save clock."""
-        self.last_save = time.monotonic()
+        self.last_save = self.clock()
 
     def agree(self) -> tuple[bool, bool]:
         """(stop now, save now) as agreed by every rank (collective). Stop: a signal reached any rank
@@ -72,7 +90,7 @@ class StopFlags:
 
         from ttt_train.runtime.distributed import device
 
-        now = time.monotonic()
+        now = self.clock()
         flags = torch.tensor([
             self.received is not None,
             self.exit_after_s > 0 and now - self.start >= self.exit_after_s,
@@ -84,3 +102,10 @@ class StopFlags:
 
     def reason(self) -> str:
         return f"signal {self.received}" if self.received else "run.exit_after_minutes reached (or another rank's signal)"
+
+
+def _die_with_parent() -> None:
+    """In a child process: be SIGKILLed when the parent dies (Linux `prctl(PR_SET_PDEATHSIG)`)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG

@@ -28,11 +28,12 @@ class Built:
 
 def build(stage: Stage) -> Built:
     """Initialise the stage's layout and build its model, optimizer, schedule and datasets (collective)."""
+    from ttt_train.checkpoint import build_manifest
     from ttt_train.data.datasets import build_datasets, dataset_fingerprint
+    from ttt_train.data.indexed import dataset_identity
     from ttt_train.data.tokenizer import load_tokenizer
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.runtime.distributed import initialize
-    from ttt_train.training.checkpoint import build_manifest
     from ttt_train.training.optimizer import build_optimizer
     from ttt_train.training.schedule import build_scheduler, ttt_layers
     from ttt_train.training.setup import wrap_for_training
@@ -50,7 +51,8 @@ def build(stage: Stage) -> Built:
                                 use_distributed_optimizer=stage.ddp.use_distributed_optimizer)
     scheduler = build_scheduler(optimizer, stage.schedule, stage.optimizer, stage.steps)
     manifest = build_manifest(stage.model, stage.ttt, stage.parallel, t.dtype, tokenizer=tokenizer,
-                              data_fingerprint=dataset_fingerprint(stage.data))
+                              data_fingerprint=dataset_fingerprint(stage.data),
+                              datasets={e.path: dataset_identity(e.path) for e in stage.data.blend})
     return Built(chunks, optimizer, scheduler, tokenizer, ttt_layers(chunks), train_set,
                  valid_set if valid_samples else None, manifest, recall_rows(stage, validation, tokenizer, dp))
 
@@ -107,7 +109,7 @@ def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Pat
     `carry_optimizer`, with this stage's own learning rates), refused if of another tokenizer.
     Otherwise stage 0's `init` (held against the experiment beforehand: `check_init`).
     """
-    from ttt_train.training.checkpoint import load_checkpoint, load_rank_state
+    from ttt_train.checkpoint import load_checkpoint, load_rank_state
     from ttt_train.training.schedule import keep_fresh_hyperparameters
 
     if resume is not None:
@@ -195,7 +197,7 @@ def check_init(init, stage) -> None:
             if _tokenizer_files(path) and Path(path).resolve() != Path(stage.data.tokenizer).expanduser().resolve():
                 tokens = load_tokenizer(path).fingerprint
         else:
-            from ttt_train.training.checkpoint import read_checkpoint_info
+            from ttt_train.checkpoint import read_checkpoint_info
 
             manifest = read_checkpoint_info(path)["manifest"]
             if manifest is None or manifest.get("model") is None:

@@ -26,15 +26,16 @@ from ttt_train.training.config import SECTIONS, ConfigError, stage_index
 
 APPLIED_ON_RESUME = (
     "logging", "validation", "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_last",
-    "run.name", "run.world_size", "run.exit_after_minutes", "run.signals", "run.stages", "run.restart_stages",
-    "run.dry_run", "parallel.tp", "parallel.pp", "parallel.cp", "parallel.sequence_parallel", "parallel.cp_comm_type",
-    "parallel.cp_scan", "parallel.cp_scan_wire", "parallel.links",
-    "ddp.overlap_grad_reduce", "ddp.bucket_size", "training.micro_batch_size", "training.recompute",
+    "checkpoint.on_save_error", "run.name", "run.world_size", "run.exit_after_minutes", "run.signals", "run.stages",
+    "run.restart_stages", "run.dry_run", "run.lock_timeout_minutes",
+    "run.collective_timeout_minutes", "run.startup_timeout_minutes", "parallel.tp", "parallel.pp", "parallel.cp",
+    "parallel.sequence_parallel", "parallel.cp_comm_type", "parallel.cp_scan", "parallel.cp_scan_wire",
+    "parallel.links", "ddp.overlap_grad_reduce", "ddp.bucket_size", "training.micro_batch_size", "training.recompute",
     "training.max_skipped_steps", "data.num_workers", "data.cache_dir", "model.name", "model.extra",
 )
-"""Keys (or sections) whose change a resumed stage applies: logging, validation, checkpoint intervals,
-the parallel layout and how its ranks communicate (checkpoints reshard on load), micro-batching (the
-same samples per step),
+"""Keys (or sections) whose change a resumed stage applies: logging, validation, checkpoint intervals
+and what a failed save does, the run folder's lock and hang-watchdog timeouts, the parallel layout and
+how its ranks communicate (checkpoints reshard on load), micro-batching (the same samples per step),
 recompute, data-loader workers and index-cache folder, labels. Every other key is held."""
 
 CONFIG = "config.yaml"
@@ -70,7 +71,7 @@ def selected(cfg, stages=None) -> list[int]:
 
 def _progress(stages) -> list[tuple[int, Path] | None]:
     """(step, path) of each stage's latest checkpoint, or None."""
-    from ttt_train.training.checkpoint import latest_checkpoint, read_checkpoint_info
+    from ttt_train.checkpoint import latest_checkpoint, read_checkpoint_info
 
     found = []
     for stage in stages:
@@ -165,9 +166,9 @@ def _same_samples(held: dict, stages, progress) -> list[tuple]:
     """The held data changes that do not change what trains: `data.blend` / `split` / `seed` when the
     stage's data fingerprint (content, weights, split, seed) is the checkpoint's, `data.tokenizer` when
     the tokenizer's fingerprint is (data or a tokenizer moved to another path)."""
+    from ttt_train.checkpoint import read_checkpoint_info
     from ttt_train.data.datasets import dataset_fingerprint
     from ttt_train.data.tokenizer import load_tokenizer
-    from ttt_train.training.checkpoint import read_checkpoint_info
 
     same = []
     for index, diffs in held.items():
@@ -291,7 +292,7 @@ def plan_start(cfg, stages) -> StartPlan:
 
 
 def _finished(stages, chosen: list[int], progress, everything: bool) -> str:
-    from ttt_train.training.checkpoint import latest_checkpoint
+    from ttt_train.checkpoint import latest_checkpoint
 
     if everything:
         return (f"finished already (all {len(stages)} stages done; final checkpoint "

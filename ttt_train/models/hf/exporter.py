@@ -147,9 +147,9 @@ def build_export_model(checkpoint_path):
     is not set up)."""
     import torch.distributed as dist
 
+    from ttt_train.checkpoint import load_checkpoint, read_checkpoint_info
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.runtime.distributed import ParallelConfig, initialize
-    from ttt_train.training.checkpoint import load_checkpoint, read_checkpoint_info
 
     info = read_checkpoint_info(checkpoint_path)
     manifest = info["manifest"]

@@ -100,10 +100,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, parallel: ParallelConfig |
               preset: ModelConfig | None = None, ttt: TTTConfig | None = None, verify: bool = True,
               tolerance: float = 1e-3, progress: bool = True) -> Path:
     """Convert `hf_dir` into a checkpoint root `out`; return the iter_* folder. Collective."""
+    from ttt_train.checkpoint import build_manifest, save_checkpoint
     from ttt_train.data.tokenizer import load_tokenizer
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.runtime.distributed import initialize
-    from ttt_train.training.checkpoint import build_manifest, save_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out)
     parallel = parallel or ParallelConfig()
