@@ -24,6 +24,7 @@ from ttt_train.models.hf.remote_code.configuration_inplace_ttt import (
     InPlaceTTTQwen3Config,
 )
 from ttt_train.models.hf.remote_code.modeling_inplace_ttt import (
+    CACHE_ARG,
     InPlaceTTTCache,
     InPlaceTTTLlamaForCausalLM,
     InPlaceTTTQwen3ForCausalLM,
@@ -173,7 +174,7 @@ def test_cache_in_pieces_equals_full_forward():
         full = model(ids, use_cache=False).logits
         cache, outs, s = InPlaceTTTCache(config=model.config), [], 0
         for n in (3, 6, 3, 1, 1, 9):
-            outs.append(model(ids[:, s:s + n], cache=cache, use_cache=True).logits)
+            outs.append(model(ids[:, s:s + n], **{CACHE_ARG: cache}, use_cache=True).logits)
             s += n
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=2e-5)
     assert cache.ttt_pending == [23 % CHUNK] * 2
@@ -229,7 +230,7 @@ def test_state_is_float32_under_bf16_weights():
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 10))
     cache = InPlaceTTTCache(config=model.config)
     with torch.no_grad():
-        got = model(ids, cache=cache, use_cache=True).logits
+        got = model(ids, **{CACHE_ARG: cache}, use_cache=True).logits
         want = ttt_model(dtype=torch.float32)(ids).logits
     states = [cache.ttt_state[m.layer_idx]["delta"] for m in model.model.ttt_mlps]
     assert all(s.dtype == torch.float32 and s.abs().sum() > 0 for s in states)
@@ -256,22 +257,21 @@ def test_round_trip_and_remote_code_loading(family, tmp_path):
                                              if k.startswith("ttt_")})
     write_remote_code(out, config)
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == f"inplace_ttt_{family}" and set(saved["auto_map"]) == {"AutoConfig",
-                                                                                      "AutoModelForCausalLM"}
+    assert saved["model_type"] == family and set(saved["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     over = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, ttt_lr=0.25,
                                                 ttt_max_update_norm=0.5).eval()
     assert (over.config.ttt_lr, over.config.ttt_max_update_norm) == (0.25, 0.5)
     model.config.ttt_lr, model.config.ttt_max_update_norm = 0.25, 0.5
     with torch.no_grad():
         torch.testing.assert_close(over(ids).logits, model(ids).logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no remote code: the base model, without In-Place TTT
+    assert type(plain) is FAMILIES[family][3] and not hasattr(plain.model, "ttt_mlps")
     with pytest.raises(ValueError, match="config.ttt_lr"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, ttt_lr=-1.0)
 
 
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(ValueError, match="model_type 'qwen3' has no In-Place TTT modeling code"):
+    with pytest.raises(ValueError, match="Qwen3Config has no In-Place TTT modeling code"):
         write_remote_code(tmp_path, Qwen3Config(**SHAPE))
     with pytest.raises(StrictDataclassError, match=r"config.ttt_layers .*\[0, 3\)"):
         InPlaceTTTQwen3Config(**SHAPE, ttt_mode=True, ttt_layers=[3])
@@ -280,6 +280,6 @@ def test_bad_input_is_named(tmp_path):
     model = ttt_model()
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 5))
     with pytest.raises(ValueError, match="InPlaceTTTCache"):
-        model(ids, cache=DynamicCache(config=model.config), use_cache=True)
+        model(ids, **{CACHE_ARG: DynamicCache(config=model.config)}, use_cache=True)
     with pytest.raises(ValueError, match="2D attention_mask"):
         model(ids, attention_mask=torch.ones(1, 1, 5, 5))
