@@ -93,7 +93,37 @@ def test_ttt_export_runs_in_place_ttt_under_transformers(tmp_path):
     assert config["model_type"] == "qwen3"  # the base type: tokenizer and plain config need no remote code
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen3ForCausalLM"  # no TTT without it
 
+    readme = (out / "README.md").read_text()
+    assert "trained with `ttt_max_update_norm` = 0.05 (the official code assumes no clip)" in readme
+    assert "trained with" not in (tmp_path / "hidden_states" / "hf" / "README.md").read_text()
+
     official = tmp_path / "hidden_states" / "hf"
     _as_official_release(official)
     (ttt,) = run_local_ranks(_import_official, 1, str(official), str(tmp_path / "official_ckpt"))
     assert ttt["layers"] == [0, 2] and ttt["chunk_size"] == 8 and ttt["target"] == "hidden_states"
+
+
+def test_keys_only_ttt_train_reads_are_named_and_warned_about(caplog):
+    """A conv size or a clip the official code does not assume: the export warns and its README says so."""
+    import logging
+
+    from ttt_train.layers.ttt_config import TTTConfig
+    from ttt_train.models import load_model_config
+    from ttt_train.models.hf.exporter import warn_official_differences
+    from ttt_train.models.hf.model_card import model_card
+
+    model_cfg = load_model_config("tiny")
+    odd = TTTConfig(layers=[1], chunk_size=8, conv_size=3, max_update_norm=0.5)
+    with caplog.at_level(logging.WARNING):
+        warn_official_differences(odd)
+    assert "ttt_conv_size=3, ttt_max_update_norm=0.5" in caplog.text and "assumes ttt_conv_size=5" in caplog.text
+    card = model_card(model_cfg, odd, family="qwen3", source="ckpt", dtype="bf16", max_position_embeddings=256)
+    assert "`ttt_conv_size` = 3 (the official code assumes 5)" in card and "computes a different model" in card
+    assert "| `ttt_conv_size` | `3` | ttt-train only (the official code assumes 5) |" in card
+    caplog.clear()
+    plain = TTTConfig(layers=[1], chunk_size=8)
+    with caplog.at_level(logging.WARNING):
+        warn_official_differences(plain)
+    assert caplog.text == ""
+    card = model_card(model_cfg, plain, family="qwen3", source="ckpt", dtype="bf16", max_position_embeddings=256)
+    assert "trained with" not in card and "| `ttt_max_update_norm` | `null` |" in card

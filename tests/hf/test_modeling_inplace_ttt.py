@@ -31,6 +31,8 @@ from ttt_train.models.hf.remote_code.modeling_inplace_ttt import (
 )
 from ttt_train.models.hf.remote_files import write_remote_code
 
+pytestmark = pytest.mark.compat  # `make test-compat` also runs this file under transformers 4.57
+
 SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
 FAMILIES = {"qwen3": (InPlaceTTTQwen3Config, InPlaceTTTQwen3ForCausalLM, Qwen3Config, Qwen3ForCausalLM),
