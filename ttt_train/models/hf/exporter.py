@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from ttt_train.models.hf.hf_config import (
     ttt_config_keys,
 )
 from ttt_train.models.hf.model_card import model_card
+from ttt_train.models.hf.out_dir import check_out, sibling_tmp, swap_in
 from ttt_train.models.hf.remote_files import write_config_json, write_remote_code
 
 log = logging.getLogger(__name__)
@@ -77,6 +76,18 @@ def config_json_keys(model_cfg: ModelConfig, ttt: TTTConfig | None, *, max_posit
     if ttt is not None:
         keys.update(ttt_config_keys(ttt, model_cfg.num_layers))
     return keys
+
+
+def earlier_export(out: Path) -> str | None:
+    """None when `out` holds only an HF model folder's files (config.json among them), else why not."""
+    from ttt_train.models.hf.importer import TOKENIZER_FILES
+
+    known = {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json", *TOKENIZER_FILES}
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and (
+        p.name in known or p.suffix in (".safetensors", ".py"))) and not p.name.startswith("."))
+    if others:
+        return f"it holds {others[:4]}{' ...' if len(others) > 4 else ''}"
+    return None if (out / "config.json").is_file() else "it has no config.json"
 
 
 def warn_official_differences(ttt: TTTConfig | None) -> None:
@@ -218,9 +229,11 @@ def build_export_model(checkpoint_path):
 
 def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, tolerance: float = 1e-3,
                       max_shard_size: str = "1GB", max_position_embeddings: int | None = None,
-                      dtype: str | None = None) -> Path:
+                      dtype: str | None = None, force: bool = False) -> Path:
     """Write the HF folder `out_dir` from a checkpoint (iter_* folder or root with `latest`); return it.
 
+    `out_dir` must be absent or empty; `force` replaces an earlier export (a folder holding only an HF
+    model's files) there.
     dtype: "fp32" / "bf16" for the safetensors (default: the manifest's training dtype).
     max_shard_size: safetensors serialises a whole shard in memory, so the peak is about the model
     plus one shard.
@@ -228,15 +241,13 @@ def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, toleranc
     model config's). Verification compares logits of the loaded export with the megatron model's.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or remove it")
+    check_out(out_dir, force, "convert export", earlier_export)
     gpt, model_cfg, ttt, info = build_export_model(checkpoint_path)
     warn_official_differences(ttt)
     dtype = dtype or info["manifest"].get("dtype", "fp32")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tokenizer = (info["manifest"].get("tokenizer") or {}).get("spec")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = sibling_tmp(out_dir)
     try:
         token_ids = write_tokenizer(tokenizer, tmp) if tokenizer else {}
         if not tokenizer:
@@ -257,9 +268,7 @@ def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, toleranc
         (tmp / "README.md").write_text(model_card(
             model_cfg, ttt, family=family, source=str(info["path"]), dtype=dtype,
             max_position_embeddings=max_position_embeddings or model_cfg.max_position_embeddings))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
+        swap_in(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
