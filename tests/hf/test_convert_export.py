@@ -78,10 +78,37 @@ def _import_official(hf_dir, out):
     return read_checkpoint_info(out)["manifest"]["ttt"]
 
 
+def assert_tokenizer_loads_without_remote_code(folder) -> None:
+    """`AutoTokenizer.from_pretrained(folder)`: no remote code, no prompt (stdin closed: a prompt would fail),
+    no "You are using a model of type ..." warning."""
+    import logging
+    import os
+    import sys
+
+    from transformers import AutoTokenizer
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger, stdin = logging.getLogger("transformers"), sys.stdin
+    logger.addHandler(handler)
+    try:
+        with open(os.devnull) as sys.stdin:
+            ids = AutoTokenizer.from_pretrained(folder)("abc", add_special_tokens=False)["input_ids"]
+    finally:
+        sys.stdin = stdin
+        logger.removeHandler(handler)
+    assert ids == [97, 98, 99]
+    assert not [r.getMessage() for r in records if "You are using a model of type" in r.getMessage()]
+
+
 def test_ttt_export_runs_in_place_ttt_under_transformers(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ttt_train.models.hf.exporter import write_tokenizer
+
     hf_dir = make_hf_model(tmp_path / "base", tied=False)
+    write_tokenizer("byte", hf_dir)
     (done,) = run_local_ranks(_export_ttt_models, 1, str(hf_dir), str(tmp_path), CASES, timeout=900)
     assert sorted(done) == sorted(CASES)
     out = tmp_path / "input_embed_clip" / "hf"
@@ -93,6 +120,7 @@ def test_ttt_export_runs_in_place_ttt_under_transformers(tmp_path):
     assert config["model_type"] == "qwen3"  # the base type: tokenizer and plain config need no remote code
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen3ForCausalLM"  # no TTT without it
 
+    assert_tokenizer_loads_without_remote_code(out)
     readme = (out / "README.md").read_text()
     assert "trained with `ttt_max_update_norm` = 0.05 (the official code assumes no clip)" in readme
     assert "trained with" not in (tmp_path / "hidden_states" / "hf" / "README.md").read_text()
