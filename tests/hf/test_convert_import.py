@@ -296,7 +296,7 @@ def _convert_output(args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_cli_import_refuses_a_non_empty_out_and_force_replaces_only_an_import(tmp_path):
+def test_cli_import_refuses_a_non_empty_out_and_force_replaces_only_an_import(tmp_path, capfd):
     """A second import into the same --out is refused (the first stays whole); --force replaces an earlier
     import (a stale ttt.yaml goes with it) but never a run's checkpoints (its `latest` is untouched);
     the summary names the TTT layers."""
@@ -304,15 +304,21 @@ def test_cli_import_refuses_a_non_empty_out_and_force_replaces_only_an_import(tm
     base = ["import", "--hf", str(hf_dir), "--out", str(ckpt), "--no-verify", "--no-progress"]
     ttt = ["ttt=paper", "ttt.layers=[0,2]", "ttt.chunk_size=8"]
 
-    def convert(args):
+    def convert(args):  # an import, in a rank process
         return run_local_ranks(_convert_output, 1, args)[0]
+
+    def refused(args):  # refused before any set-up: in this process
+        from ttt_train.convert import main
+
+        code = main(args)
+        return code, capfd.readouterr().err
 
     def manifest_ttt():
         return json.loads(next(ckpt.glob("iter_*/ttt_meta.json")).read_text())["manifest"]["ttt"]
 
     code, out, _ = convert(base + ttt)
     assert code == 0 and "(In-Place TTT in layers [0, 2]: freshly initialised in layers [0, 2])" in out
-    code, _, err = convert(base)
+    code, err = refused(base)
     assert code == 2 and f"--out {ckpt} exists and is not empty" in err and "--force" in err
     assert manifest_ttt()["layers"] == [0, 2] and (ckpt / "ttt.yaml").is_file()
     code, out, _ = convert(base + ["--force"])
@@ -323,7 +329,7 @@ def test_cli_import_refuses_a_non_empty_out_and_force_replaces_only_an_import(tm
     run = tmp_path / "run" / "checkpoints"  # what a training run leaves
     (run / "iter_0000500").mkdir(parents=True)
     (run / "latest").write_text("iter_0000500\n")
-    code, _, err = convert(["import", "--hf", str(hf_dir), "--out", str(run), "--force"])
+    code, err = refused(["import", "--hf", str(hf_dir), "--out", str(run), "--force"])
     assert code == 2 and "is not the output of an earlier convert import (it holds ['iter_0000500'])" in err
     assert (run / "latest").read_text() == "iter_0000500\n" and sorted(p.name for p in run.iterdir()) == [
         "iter_0000500", "latest"]

@@ -31,7 +31,8 @@ from ttt_train.models.hf.remote_code.modeling_inplace_ttt import (
 )
 from ttt_train.models.hf.remote_files import write_remote_code
 
-pytestmark = pytest.mark.compat  # `make test-compat` also runs this file under transformers 4.57
+# `make test-compat` also runs the tests marked `compat` under transformers 4.57: every forward, cache and
+# loading path once; beam search, left padding and the op comparison only here (they add time, not paths).
 
 SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
@@ -119,6 +120,7 @@ def left_pad(rows, pad_id=0):
     return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_fresh_ttt_model_equals_plain_transformers(family):
     model = ttt_model(family, randomize=False)  # conv zero: V = 0 whatever ttt_proj's random diagonal
@@ -128,6 +130,7 @@ def test_fresh_ttt_model_equals_plain_transformers(family):
         torch.testing.assert_close(model(ids).logits, plain_copy(model, family)(ids).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family,target,tau", [("qwen3", "hidden_states", None), ("qwen3", "input_embed", 0.5),
                                                ("llama", "input_embed", None), ("llama", "hidden_states", 0.5)])
 def test_full_forward_equals_float64_reference(family, target, tau):
@@ -168,6 +171,7 @@ def test_ttt_mlp_equals_ttt_train_op_in_release_orientation():
     torch.testing.assert_close(seen["out"], want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.compat
 def test_cache_in_pieces_equals_full_forward():
     """Prefill and decode in arbitrary pieces (within a chunk, across several, ending on a boundary)."""
     model = ttt_model(ttt_target="input_embed", ttt_max_update_norm=2.0)
@@ -196,6 +200,7 @@ def greedy_check(model, ids, mask=None, new=13, **gen):
     return seq[:, ids.shape[1]:], steps
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("prompt,prefill", [(5, None), (10, None), (10, 3)])
 def test_generate_equals_full_forward_argmax(prompt, prefill):
     """13 new tokens after a 5- or 10-token prompt cross >= 3 chunk boundaries (10: multi-chunk prefill,
@@ -227,6 +232,7 @@ def test_left_padded_batch_equals_rows_alone():
         torch.testing.assert_close(logits[b], alone_logits[0], rtol=0, atol=2e-5)
 
 
+@pytest.mark.compat
 def test_state_is_float32_under_bf16_weights():
     model = ttt_model(dtype=torch.bfloat16)
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 10))
@@ -239,6 +245,7 @@ def test_state_is_float32_under_bf16_weights():
     assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.1
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_round_trip_and_remote_code_loading(family, tmp_path):
     model = ttt_model(family, ttt_target="input_embed")
@@ -272,6 +279,7 @@ def test_round_trip_and_remote_code_loading(family, tmp_path):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, ttt_lr=-1.0)
 
 
+@pytest.mark.compat
 def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="Qwen3Config has no In-Place TTT modeling code"):
         write_remote_code(tmp_path, Qwen3Config(**SHAPE))
