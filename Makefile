@@ -6,8 +6,13 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
+# transformers 4.57 (the official In-Place TTT release's pin) beside the main venv's 5.x: `make test-compat`
+COMPAT_VENV ?= .venv-hf457
+COMPAT_PY   := $(COMPAT_VENV)/bin/python
+COMPAT_REQS := tests/hf/compat_requirements.txt
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
-.PHONY: setup test test-fast demo lint bench bench-ops bench-driver bench-convert gpu-check clean
+.PHONY: setup test test-fast test-compat demo lint bench bench-ops bench-driver bench-convert gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +31,19 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+$(COMPAT_STAMP): $(COMPAT_REQS)
+	@test -x $(COMPAT_PY) || $(PYTHON_BASE) -m venv $(COMPAT_VENV) || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet "torch==2.13.0"
+	$(COMPAT_PY) -m pip install --quiet -r $(COMPAT_REQS)
+	@touch $(COMPAT_STAMP)
+
+# The HF modeling code's tests under transformers 4.57 (no megatron in that venv), then exports made
+# here (transformers 5) read there: logits, rotary settings, tokenizer (tests marked `compat`).
+test-compat: setup $(COMPAT_STAMP)
+	$(COMPAT_PY) -m pytest -m compat tests/hf/test_modeling_inplace_ttt.py $(PYTEST_ARGS)
+	TTT_COMPAT_PYTHON=$(abspath $(COMPAT_PY)) $(PY) -m pytest -m compat tests/hf/test_compat_transformers4.py $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m ttt_train.demo
@@ -56,4 +74,4 @@ gpu-check:
 	$(GPU_CHECK_PY) -m ttt_train.gpu_check
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache

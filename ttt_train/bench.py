@@ -293,10 +293,15 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ttt_train.cli_help import config_help, wants_help
     from ttt_train.config_keys import ConfigError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(argv):
+        print(config_help(__doc__, CONFIG_DIR / "bench.yaml"))
+        return 0
     try:
-        cfg = compose(sys.argv[1:] if argv is None else argv)
+        cfg = compose(argv)
         bench_model_config(cfg)  # model.overrides: ModelConfig keys
     except (ConfigError, ValueError, FileNotFoundError) as err:  # a bad key, value or preset: refused
         print(f"error: {err}", file=sys.stderr)

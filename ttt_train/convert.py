@@ -2,11 +2,14 @@
 
     python -m ttt_train.convert import --hf DIR --out CKPT [--tp N --pp N] [--preset NAME] [ttt=paper ttt.KEY=V ...]
     python -m ttt_train.convert export --checkpoint CKPT --out DIR [--dtype bf16] [--max-position-embeddings N]
+    python -m ttt_train.convert {import,export} --help      (every option, with its default)
 
 The arguments are Hydra overrides of `configs/convert/import.yaml` / `export.yaml`; `--key value`
-(or `--key=value`) is a shorthand for `key=value` (dashes become underscores) and `--no-verify` for
-`verify=false`. Import at `--tp`/`--pp` > 1 runs under `torchrun --nproc-per-node tp*pp`; export
-always runs in one process. Exit code 0: done; 2: bad input, refused (one-line error); 1: failed (the
+(or `--key=value`) is a shorthand for `key=value` (dashes become underscores), `--force` for
+`force=true` and `--no-verify` for `verify=false`; a key the files do not define is refused, `+` or
+not. A non-empty `--out` is refused; `--force` replaces an earlier import (or export) there, never
+anything else. Import at `--tp`/`--pp` > 1 runs under `torchrun --nproc-per-node tp*pp`; export always
+runs in one process. Exit code 0: done; 2: bad input, refused (one-line error); 1: failed (the
 verification's logit difference exceeds the tolerance).
 """
 
@@ -19,6 +22,11 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PATH_KEYS = ("hf", "out", "checkpoint", "preset")
+FLAGS = ("force", "verify", "progress")  # `--flag` alone means flag=true
+COMMANDS = {"import": "a HuggingFace Qwen3 / Llama folder -> a ttt-train checkpoint root (In-Place TTT inserted "
+                      "with ttt=paper ...), verified by logits against transformers",
+            "export": "a ttt-train checkpoint (any layout) -> a HuggingFace folder, verified by logits under "
+                      "transformers"}
 
 
 def to_overrides(args: list[str]) -> list[str]:
@@ -37,6 +45,10 @@ def to_overrides(args: list[str]) -> list[str]:
                 overrides.append(f"{key[3:]}=false")
                 i += 1
                 continue
+            if key in FLAGS and (i + 1 >= len(args) or args[i + 1].lower() not in ("true", "false")):
+                overrides.append(f"{key}=true")
+                i += 1
+                continue
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ValueError(f"option --{arg[2:]} needs a value (--{arg[2:]} VALUE)")
             value, i = args[i + 1], i + 1
@@ -47,10 +59,16 @@ def to_overrides(args: list[str]) -> list[str]:
 
 def compose(command: str, overrides: list[str]):
     """The composed config of `import` (configs/convert/import.yaml, with the configs/ttt group) or
-    `export` (configs/convert/export.yaml); a key they do not define is refused (ConfigError), `+` or not."""
+    `export` (configs/convert/export.yaml); a key they do not define is refused (ConfigError), `+` or not,
+    and so is a `ttt.KEY=VALUE` without a TTT preset to set it in."""
     from ttt_train.config_compose import compose_yaml
+    from ttt_train.config_keys import ConfigError
 
     if command == "import":
+        keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+        stray = [key for key in keys if key.startswith("ttt.")]
+        if stray and "ttt" not in keys:
+            raise ConfigError(f"{stray[0]} given without a TTT preset: put ttt=paper (configs/ttt/) before it")
         return compose_yaml(CONFIG_DIR, "convert/import", overrides)
     return compose_yaml(CONFIG_DIR / "convert", "export", overrides)
 
@@ -76,7 +94,7 @@ def run_import(cfg) -> None:
             ttt = None
     import_hf(cfg.hf, cfg.out, parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp),
               preset=load_model_config(cfg.preset) if cfg.preset else None, ttt=ttt, verify=cfg.verify,
-              tolerance=cfg.tolerance, progress=cfg.progress)
+              tolerance=cfg.tolerance, progress=cfg.progress, force=cfg.force)
 
 
 def run_export(cfg) -> None:
@@ -84,19 +102,41 @@ def run_export(cfg) -> None:
 
     export_checkpoint(cfg.checkpoint, cfg.out, verify=cfg.verify, tolerance=cfg.tolerance,
                       max_shard_size=str(cfg.max_shard_size), max_position_embeddings=cfg.max_position_embeddings,
-                      dtype=cfg.dtype)
+                      dtype=cfg.dtype, force=cfg.force)
+
+
+def usage() -> str:
+    return __doc__.strip() + "\n\nCommands:\n" + "\n".join(f"  {name}: {text}." for name, text in COMMANDS.items())
+
+
+def command_help(command: str) -> str:
+    """`convert COMMAND --help`: its usage line, the shorthand and exit codes, then every option."""
+    from ttt_train.cli_help import config_help
+
+    paragraphs = __doc__.strip().split("\n\n")  # title, usage lines, the rest
+    usage_line = next(line for line in paragraphs[1].splitlines() if f"convert {command} " in line)
+    rest = "\n\n".join(paragraphs[2:])
+    what = COMMANDS[command]
+    return config_help(f"{what[0].upper()}{what[1:]}.\n\n{usage_line}\n\n{rest}",
+                       CONFIG_DIR / "convert" / f"{command}.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ttt_train.cli_help import wants_help
+
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("import", "export"):
-        print(__doc__.strip(), file=sys.stderr)
-        return 1
+    if argv[:1] and argv[0] in COMMANDS and wants_help(argv[1:]):
+        print(command_help(argv[0]))
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stdout if wants_help(argv[:1]) else sys.stderr)
+        return 0 if wants_help(argv[:1]) else 2
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR,
                         format="%(message)s")
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from ttt_train.config_compose import one_line
     from ttt_train.models.hf.verify import VerificationError
 
     try:
@@ -106,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, HydraException, OmegaConfBaseException) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
         from ttt_train.runtime.distributed import destroy

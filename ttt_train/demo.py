@@ -201,8 +201,10 @@ def verdict(scores: dict, ttt: str, base: str, targets: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
+    from ttt_train.cli_help import config_help, wants_help
+
+    if wants_help(argv):
+        print(config_help(__doc__, CONFIG_DIR / "demo.yaml"))
         return 0
     from ttt_train.config_keys import ConfigError
 

@@ -324,8 +324,10 @@ def _start_watchdog(run_cfg, run_dir: Path, rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
+    from ttt_train.cli_help import CONFIG_ROOT, config_help, wants_help
+
+    if wants_help(argv):
+        print(config_help(__doc__, CONFIG_ROOT / "train.yaml"))
         return 0
     try:
         cfg = compose(argv)

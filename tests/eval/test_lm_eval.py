@@ -100,3 +100,31 @@ def test_local_task_loglikelihoods_equal_the_models(tmp_path, ttt_dir, monkeypat
     prompts = [g["arguments"][0][0] for g in generated]
     own = greedy_generate(model, tokenizer, prompts, 12)
     assert [g["resps"][0][0] for g in generated] == [text.split("\n\n")[0] for text in own]
+
+
+# lm-eval's own RULER tasks that build their data without network: haystack "repeat" / "needle" and random
+# strings. ruler_cwe (words from `wonderwords`) and ruler_vt need none either, but not with the tests'
+# byte-level tokenizer: cwe's words do not fit (no answer words, lm-eval divides by zero) and vt's
+# in-context example never fits its 500 tokens (lm-eval's sampler loops forever).
+OFFLINE_RULER = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_fwe"]
+
+
+@pytest.mark.slow
+def test_lm_eval_ruler_tasks_that_need_no_download_run_offline(ttt_dir, monkeypatch):
+    """The offline-buildable tasks of lm-eval's `ruler` group on an export, sized by the export's own
+    tokenizer (lm-eval generates RULER's data), scored by RULER's metric at the requested length."""
+    pytest.importorskip("wonderwords")  # lm-eval's ruler tasks import both (its `ruler` extra)
+    pytest.importorskip("nltk")
+    for name, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    from lm_eval import simple_evaluate
+
+    results = simple_evaluate(  # as `lm_eval --model hf --model_args ... --tasks ... --metadata ... --limit 2`
+        model="hf", model_args=f"pretrained={ttt_dir},trust_remote_code=True,dtype=float32,max_length=2048",
+        tasks=OFFLINE_RULER, metadata={"max_seq_lengths": [2048]}, limit=2, batch_size=2, device="cpu",
+        log_samples=True)
+    for task in OFFLINE_RULER:
+        scores = results["results"][task]
+        assert "2048,none" in scores and 0.0 <= scores["2048,none"] <= 1.0, (task, scores)
+        samples = results["samples"][task]
+        assert len(samples) == 2 and all(s["doc"]["max_length"] == 2048 for s in samples), task

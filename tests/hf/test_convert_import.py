@@ -220,6 +220,9 @@ def test_cli_import_then_export(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     args = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
     assert run_local_ranks(main, 1, args) == [2]  # the folder exists: refused
+    assert run_local_ranks(main, 1, args + ["--force", "--no-verify"]) == [0]  # an earlier export: replaced
+    assert run_local_ranks(main, 1, ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                                     str(tmp_path / "ckpt"), "--force"]) == [2]  # not an export: refused
 
 
 def test_byte_tokenizer_exports_for_auto_tokenizer(tmp_path):
@@ -278,3 +281,71 @@ def test_export_name_check_names_what_is_missing_or_left_over():
         check_names(config, ttt, "qwen3", shapes | {"model.norm.weight": (63,)})
     with pytest.raises(ValueError, match=r"left over \['model.layers.1.mlp.ttt_conv.weight', 'model.layers.1.mlp.ttt_proj"):
         check_names(hf_config(model_cfg, None), None, "qwen3", shapes)
+
+
+def _convert_output(args) -> tuple[int, str, str]:
+    """Rank function: `convert.main(args)` with its exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    from ttt_train.convert import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_import_refuses_a_non_empty_out_and_force_replaces_only_an_import(tmp_path, capfd):
+    """A second import into the same --out is refused (the first stays whole); --force replaces an earlier
+    import (a stale ttt.yaml goes with it) but never a run's checkpoints (its `latest` is untouched);
+    the summary names the TTT layers."""
+    hf_dir, ckpt = make_hf_model(tmp_path / "hf", tied=False), tmp_path / "ckpt"
+    base = ["import", "--hf", str(hf_dir), "--out", str(ckpt), "--no-verify", "--no-progress"]
+    ttt = ["ttt=paper", "ttt.layers=[0,2]", "ttt.chunk_size=8"]
+
+    def convert(args):  # an import, in a rank process
+        return run_local_ranks(_convert_output, 1, args)[0]
+
+    def refused(args):  # refused before any set-up: in this process
+        from ttt_train.convert import main
+
+        code = main(args)
+        return code, capfd.readouterr().err
+
+    def manifest_ttt():
+        return json.loads(next(ckpt.glob("iter_*/ttt_meta.json")).read_text())["manifest"]["ttt"]
+
+    code, out, _ = convert(base + ttt)
+    assert code == 0 and "(In-Place TTT in layers [0, 2]: freshly initialised in layers [0, 2])" in out
+    code, err = refused(base)
+    assert code == 2 and f"--out {ckpt} exists and is not empty" in err and "--force" in err
+    assert manifest_ttt()["layers"] == [0, 2] and (ckpt / "ttt.yaml").is_file()
+    code, out, _ = convert(base + ["--force"])
+    assert code == 0 and "(no In-Place TTT)" in out
+    assert manifest_ttt() is None and not (ckpt / "ttt.yaml").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no temporary folder left
+
+    run = tmp_path / "run" / "checkpoints"  # what a training run leaves
+    (run / "iter_0000500").mkdir(parents=True)
+    (run / "latest").write_text("iter_0000500\n")
+    code, err = refused(["import", "--hf", str(hf_dir), "--out", str(run), "--force"])
+    assert code == 2 and "is not the output of an earlier convert import (it holds ['iter_0000500'])" in err
+    assert (run / "latest").read_text() == "iter_0000500\n" and sorted(p.name for p in run.iterdir()) == [
+        "iter_0000500", "latest"]
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capfd):
+    """The CLI's refusals (the keys themselves: tests/test_config_compose.py) are one line on stderr, exit 2."""
+    from ttt_train.convert import main
+
+    out = str(tmp_path / "o")
+    cases = {"ttt.every=3": "ttt.every given without a TTT preset: put ttt=paper (configs/ttt/) before it",
+             "+ttt.every=3": "ttt.every given without a TTT preset",
+             "ttt=paper ttt.evry=3": "unknown config key 'ttt.evry' (did you mean 'ttt.every'?)",
+             "+foo=1": "unknown config key 'foo'",
+             "--tp": "option --tp needs a value"}
+    for args, message in cases.items():
+        assert main(["import", "--hf", str(tmp_path), "--out", out, *args.split()]) == 2, args
+        err = capfd.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)

@@ -24,11 +24,15 @@ from ttt_train.models.hf.remote_code.configuration_inplace_ttt import (
     InPlaceTTTQwen3Config,
 )
 from ttt_train.models.hf.remote_code.modeling_inplace_ttt import (
+    CACHE_ARG,
     InPlaceTTTCache,
     InPlaceTTTLlamaForCausalLM,
     InPlaceTTTQwen3ForCausalLM,
 )
 from ttt_train.models.hf.remote_files import write_remote_code
+
+# `make test-compat` also runs the tests marked `compat` under transformers 4.57: every forward, cache and
+# loading path once; beam search, left padding and the op comparison only here (they add time, not paths).
 
 SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
@@ -116,6 +120,7 @@ def left_pad(rows, pad_id=0):
     return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_fresh_ttt_model_equals_plain_transformers(family):
     model = ttt_model(family, randomize=False)  # conv zero: V = 0 whatever ttt_proj's random diagonal
@@ -125,6 +130,7 @@ def test_fresh_ttt_model_equals_plain_transformers(family):
         torch.testing.assert_close(model(ids).logits, plain_copy(model, family)(ids).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family,target,tau", [("qwen3", "hidden_states", None), ("qwen3", "input_embed", 0.5),
                                                ("llama", "input_embed", None), ("llama", "hidden_states", 0.5)])
 def test_full_forward_equals_float64_reference(family, target, tau):
@@ -165,6 +171,7 @@ def test_ttt_mlp_equals_ttt_train_op_in_release_orientation():
     torch.testing.assert_close(seen["out"], want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.compat
 def test_cache_in_pieces_equals_full_forward():
     """Prefill and decode in arbitrary pieces (within a chunk, across several, ending on a boundary)."""
     model = ttt_model(ttt_target="input_embed", ttt_max_update_norm=2.0)
@@ -173,7 +180,7 @@ def test_cache_in_pieces_equals_full_forward():
         full = model(ids, use_cache=False).logits
         cache, outs, s = InPlaceTTTCache(config=model.config), [], 0
         for n in (3, 6, 3, 1, 1, 9):
-            outs.append(model(ids[:, s:s + n], cache=cache, use_cache=True).logits)
+            outs.append(model(ids[:, s:s + n], **{CACHE_ARG: cache}, use_cache=True).logits)
             s += n
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=2e-5)
     assert cache.ttt_pending == [23 % CHUNK] * 2
@@ -193,6 +200,7 @@ def greedy_check(model, ids, mask=None, new=13, **gen):
     return seq[:, ids.shape[1]:], steps
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("prompt,prefill", [(5, None), (10, None), (10, 3)])
 def test_generate_equals_full_forward_argmax(prompt, prefill):
     """13 new tokens after a 5- or 10-token prompt cross >= 3 chunk boundaries (10: multi-chunk prefill,
@@ -224,18 +232,20 @@ def test_left_padded_batch_equals_rows_alone():
         torch.testing.assert_close(logits[b], alone_logits[0], rtol=0, atol=2e-5)
 
 
+@pytest.mark.compat
 def test_state_is_float32_under_bf16_weights():
     model = ttt_model(dtype=torch.bfloat16)
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 10))
     cache = InPlaceTTTCache(config=model.config)
     with torch.no_grad():
-        got = model(ids, cache=cache, use_cache=True).logits
+        got = model(ids, **{CACHE_ARG: cache}, use_cache=True).logits
         want = ttt_model(dtype=torch.float32)(ids).logits
     states = [cache.ttt_state[m.layer_idx]["delta"] for m in model.model.ttt_mlps]
     assert all(s.dtype == torch.float32 and s.abs().sum() > 0 for s in states)
     assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.1
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_round_trip_and_remote_code_loading(family, tmp_path):
     model = ttt_model(family, ttt_target="input_embed")
@@ -256,22 +266,22 @@ def test_round_trip_and_remote_code_loading(family, tmp_path):
                                              if k.startswith("ttt_")})
     write_remote_code(out, config)
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == f"inplace_ttt_{family}" and set(saved["auto_map"]) == {"AutoConfig",
-                                                                                      "AutoModelForCausalLM"}
+    assert saved["model_type"] == family and set(saved["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     over = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, ttt_lr=0.25,
                                                 ttt_max_update_norm=0.5).eval()
     assert (over.config.ttt_lr, over.config.ttt_max_update_norm) == (0.25, 0.5)
     model.config.ttt_lr, model.config.ttt_max_update_norm = 0.25, 0.5
     with torch.no_grad():
         torch.testing.assert_close(over(ids).logits, model(ids).logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no remote code: the base model, without In-Place TTT
+    assert type(plain) is FAMILIES[family][3] and not hasattr(plain.model, "ttt_mlps")
     with pytest.raises(ValueError, match="config.ttt_lr"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, ttt_lr=-1.0)
 
 
+@pytest.mark.compat
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(ValueError, match="model_type 'qwen3' has no In-Place TTT modeling code"):
+    with pytest.raises(ValueError, match="Qwen3Config has no In-Place TTT modeling code"):
         write_remote_code(tmp_path, Qwen3Config(**SHAPE))
     with pytest.raises(StrictDataclassError, match=r"config.ttt_layers .*\[0, 3\)"):
         InPlaceTTTQwen3Config(**SHAPE, ttt_mode=True, ttt_layers=[3])
@@ -280,6 +290,6 @@ def test_bad_input_is_named(tmp_path):
     model = ttt_model()
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 5))
     with pytest.raises(ValueError, match="InPlaceTTTCache"):
-        model(ids, cache=DynamicCache(config=model.config), use_cache=True)
+        model(ids, **{CACHE_ARG: DynamicCache(config=model.config)}, use_cache=True)
     with pytest.raises(ValueError, match="2D attention_mask"):
         model(ids, attention_mask=torch.ones(1, 1, 5, 5))

@@ -2,12 +2,18 @@
 
 API: `model_config_from_hf`, `config_mismatches`, `load_hf_weights` (fill a model's shards in place,
 streaming), `import_hf` (folder -> checkpoint), `export_checkpoint` (checkpoint -> folder).
-The HF modeling code for In-Place TTT exports lives in `remote_code/`.
+The HF modeling code for In-Place TTT exports lives in `remote_code/` (importable without megatron:
+the names below are imported on first use).
 """
 
-from ttt_train.models.hf.exporter import export_checkpoint
-from ttt_train.models.hf.hf_config import config_mismatches, model_config_from_hf
-from ttt_train.models.hf.importer import import_hf
-from ttt_train.models.hf.loader import load_hf_weights
+import importlib
 
-__all__ = ["config_mismatches", "export_checkpoint", "import_hf", "load_hf_weights", "model_config_from_hf"]
+_NAMES = {"export_checkpoint": "exporter", "config_mismatches": "hf_config", "model_config_from_hf": "hf_config",
+          "import_hf": "importer", "load_hf_weights": "loader"}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)

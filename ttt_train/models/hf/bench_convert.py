@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+DEFAULTS = {"dir": "/tmp/bench_convert", "preset": "qwen3_0.6b", "verify": False}
+
 
 def tree_memory(proc: psutil.Process) -> tuple[int, int]:
     """(PSS, anonymous) bytes summed over a process and its children. PSS splits pages shared between
@@ -72,11 +74,16 @@ def make_random_model(folder: Path, preset: str) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     from omegaconf import OmegaConf
 
-    opts = OmegaConf.merge(OmegaConf.create({"dir": "/tmp/bench_convert", "preset": "qwen3_0.6b", "verify": False}),
-                           OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
+    from ttt_train.cli_help import wants_help
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(argv):
+        print(__doc__.strip() + f"\n\nOptions (KEY=VALUE, defaults shown): {' '.join(f'{k}={v}' for k, v in DEFAULTS.items())}")
+        return None
+    opts = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
     root = Path(opts.dir)
     hf_dir, ckpt, out = root / "hf", root / "ckpt", root / "export"
     for path in (hf_dir, ckpt, out):

@@ -3,19 +3,19 @@
 The checkpoint (any TP/PP layout) is loaded into one TP=1, PP=1 model in this process
 (dist_checkpointing reshards); its manifest gives the model / TTT config and the tokenizer. Written:
 sharded safetensors + index, `config.json` (max_position_embeddings and the exact rotary settings of
-training), `generation_config.json`, tokenizer files, and for TTT models the project's modeling code
-with `auto_map` (a distinct `model_type`, so loading without `trust_remote_code` fails). The tensor
-names are checked against the HF class built on the meta device: nothing missing, nothing left over.
-The folder appears atomically (written beside it, then renamed).
+training, in both transformers 4.x's and 5.x's layout; every shape key written explicitly),
+`generation_config.json`, tokenizer files (naming their class, so `AutoTokenizer` needs no remote
+code), `README.md`, and for TTT models the project's modeling code with `auto_map` (the `model_type`
+stays the base model's, as the official release writes it). The tensor names are checked against the
+HF class built on the meta device: nothing missing, nothing left over. The folder appears atomically
+(written beside it, then renamed).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +23,16 @@ import torch
 from ttt_train.layers.ttt_config import TTTConfig
 from ttt_train.models.config import ModelConfig
 from ttt_train.models.hf.gpt_family import global_parameters, tensor_maps, to_hf
-from ttt_train.models.hf.hf_config import family_for, hf_config_kwargs, ttt_config_keys
+from ttt_train.models.hf.hf_config import (
+    family_for,
+    hf_config_kwargs,
+    legacy_rope_keys,
+    official_differences,
+    ttt_config_keys,
+)
+from ttt_train.models.hf.model_card import model_card
+from ttt_train.models.hf.out_dir import check_out, sibling_tmp, swap_in
+from ttt_train.models.hf.remote_files import write_config_json, write_remote_code
 
 log = logging.getLogger(__name__)
 PLAIN_CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM")}
@@ -55,6 +64,40 @@ def hf_config(model_cfg: ModelConfig, ttt: TTTConfig | None, *, max_position_emb
         config.architectures = [REMOTE_CLASSES[family][1]]
     config.dtype = dtype
     return config
+
+
+def config_json_keys(model_cfg: ModelConfig, ttt: TTTConfig | None, *, max_position_embeddings: int | None = None,
+                     token_ids: dict | None = None) -> dict:
+    """The keys `config.json` states explicitly whatever a transformers version's defaults: every shape
+    and rotary key (`rope_parameters` for 5.x, `rope_theta` / `rope_scaling` for 4.x), the token ids and,
+    with TTT, all eight `ttt_*` keys."""
+    keys = dict(hf_config_kwargs(model_cfg, max_position_embeddings=max_position_embeddings),
+                **legacy_rope_keys(model_cfg), **(token_ids or {}))
+    if ttt is not None:
+        keys.update(ttt_config_keys(ttt, model_cfg.num_layers))
+    return keys
+
+
+def earlier_export(out: Path) -> str | None:
+    """None when `out` holds only an HF model folder's files (config.json among them), else why not."""
+    from ttt_train.models.hf.importer import TOKENIZER_FILES
+
+    known = {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json", *TOKENIZER_FILES}
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and (
+        p.name in known or p.suffix in (".safetensors", ".py"))) and not p.name.startswith("."))
+    if others:
+        return f"it holds {others[:4]}{' ...' if len(others) > 4 else ''}"
+    return None if (out / "config.json").is_file() else "it has no config.json"
+
+
+def warn_official_differences(ttt: TTTConfig | None) -> None:
+    """Warn when keys only ttt-train reads hold values the official release's code does not assume."""
+    diffs = official_differences(ttt) if ttt is not None else {}
+    if diffs:
+        log.warning("export: %s: only ttt-train's modeling code reads %s; the official In-Place TTT release's code "
+                    "assumes %s and so computes a different model from these weights (the export's README says so)",
+                    ", ".join(f"{k}={ours}" for k, (ours, _) in diffs.items()), " and ".join(diffs),
+                    ", ".join(f"{k}={theirs}" for k, (_, theirs) in diffs.items()))
 
 
 def hf_model_class(config, ttt: TTTConfig | None, family: str):
@@ -123,7 +166,7 @@ def write_tokenizer(spec: str, folder: Path) -> dict:
     from ttt_train.data.tokenizer import BYTE_TOKENIZER_PATH, load_tokenizer
     from ttt_train.models.hf.importer import TOKENIZER_FILES
 
-    ours = load_tokenizer(spec)
+    ours, folder = load_tokenizer(spec), Path(folder)
     path = BYTE_TOKENIZER_PATH if spec == "byte" else Path(spec)
     if path.is_dir():
         for name in TOKENIZER_FILES:
@@ -136,7 +179,23 @@ def write_tokenizer(spec: str, folder: Path) -> dict:
         pad = backend.id_to_token(ours.pad_id) if ours.pad_id is not None else None
         eos = backend.id_to_token(ours.eod_id)
         PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad).save_pretrained(folder)
+    name_tokenizer_class(folder)
     return {"eos_token_id": ours.eod_id, "pad_token_id": ours.pad_id if ours.pad_id is not None else ours.eod_id}
+
+
+def name_tokenizer_class(folder: Path) -> None:
+    """Make `tokenizer_config.json` name a class both transformers 4.x and 5.x know.
+
+    transformers 4.x's `AutoTokenizer` reads `config.json` (and its remote-code `auto_map`) only when
+    the tokenizer files name no class; 5.x saves a fast tokenizer as `TokenizersBackend`, a name 4.x
+    lacks. Both become `PreTrainedTokenizerFast` (the same `tokenizer.json`); other names are kept."""
+    path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file():
+        return
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def build_export_model(checkpoint_path):
@@ -170,9 +229,11 @@ def build_export_model(checkpoint_path):
 
 def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, tolerance: float = 1e-3,
                       max_shard_size: str = "1GB", max_position_embeddings: int | None = None,
-                      dtype: str | None = None) -> Path:
+                      dtype: str | None = None, force: bool = False) -> Path:
     """Write the HF folder `out_dir` from a checkpoint (iter_* folder or root with `latest`); return it.
 
+    `out_dir` must be absent or empty; `force` replaces an earlier export (a folder holding only an HF
+    model's files) there.
     dtype: "fp32" / "bf16" for the safetensors (default: the manifest's training dtype).
     max_shard_size: safetensors serialises a whole shard in memory, so the peak is about the model
     plus one shard.
@@ -180,14 +241,13 @@ def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, toleranc
     model config's). Verification compares logits of the loaded export with the megatron model's.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or remove it")
+    check_out(out_dir, force, "convert export", earlier_export)
     gpt, model_cfg, ttt, info = build_export_model(checkpoint_path)
+    warn_official_differences(ttt)
     dtype = dtype or info["manifest"].get("dtype", "fp32")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tokenizer = (info["manifest"].get("tokenizer") or {}).get("spec")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = sibling_tmp(out_dir)
     try:
         token_ids = write_tokenizer(tokenizer, tmp) if tokenizer else {}
         if not tokenizer:
@@ -198,16 +258,17 @@ def export_checkpoint(checkpoint_path, out_dir, *, verify: bool = True, toleranc
         tensors = hf_tensors(gpt, model_cfg, ttt)
         check_names(config, ttt, family, {n: s for n, (s, _) in tensors.items()})
         write_safetensors(tensors, tmp, torch_dtype, max_shard_size)
+        explicit = config_json_keys(model_cfg, ttt, max_position_embeddings=max_position_embeddings,
+                                    token_ids=token_ids)
         if ttt is not None:
-            from ttt_train.models.hf.remote_files import write_remote_code
-
-            write_remote_code(tmp, config)
+            write_remote_code(tmp, config, explicit)
         else:
-            config.save_pretrained(tmp)
+            write_config_json(tmp, config, explicit)
         _write_generation_config(tmp, token_ids)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
+        (tmp / "README.md").write_text(model_card(
+            model_cfg, ttt, family=family, source=str(info["path"]), dtype=dtype,
+            max_position_embeddings=max_position_embeddings or model_cfg.max_position_embeddings))
+        swap_in(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -4,8 +4,10 @@ Rotary settings: `rope_theta`, Llama-3.1's `rope_type: llama3` (megatron-core ha
 low_freq_factor 1, high_freq_factor 4 and original_max_position_embeddings 8192, so other values are
 refused) and YaRN (factor, original_max_position_embeddings, beta_fast/slow, mscale, mscale_all_dim,
 truncate, attention_factor). Both transformers' v5 `rope_parameters` and the older `rope_scaling` +
-`rope_theta` layouts are read; v5's layout is written. The official In-Place TTT release's keys
-(`ttt_mode`, `ttt_layers`, `ttt_lr`, `ttt_chunk`, `ttt_proj`, `ttt_target`) map to `TTTConfig`.
+`rope_theta` layouts are read; both are written, with the same values, so that transformers 4.x (the
+official release pins 4.57.3) and 5.x build the same rotary embedding. The official In-Place TTT
+release's keys (`ttt_mode`, `ttt_layers`, `ttt_lr`, `ttt_chunk`, `ttt_proj`, `ttt_target`) map to
+`TTTConfig`; `ttt_conv_size` and `ttt_max_update_norm` are ttt-train's own (`TTT_ONLY_OURS`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ REFUSED = {
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_lr", "ttt_chunk", "ttt_proj", "ttt_target", "ttt_conv_size",
             "ttt_max_update_norm")
+# keys only ttt-train's code reads -> the value the official release's code assumes (it has no such key)
+TTT_ONLY_OURS = {"ttt_conv_size": 5, "ttt_max_update_norm": None}
 # fields that fix the tensors' shapes and the function computed (a preset must agree on them)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "vocab_size", "rotary_base", "llama3_rope_factor", "qk_layernorm", "tie_embeddings",
@@ -192,6 +196,14 @@ def rope_parameters(model: ModelConfig) -> dict:
     return rope
 
 
+def legacy_rope_keys(model: ModelConfig) -> dict:
+    """transformers 4.x's top-level `rope_theta` and `rope_scaling` (None: plain RoPE) for the same
+    rotary embedding as `rope_parameters(model)`."""
+    rope = rope_parameters(model)
+    theta = rope.pop("rope_theta")
+    return {"rope_theta": theta, "rope_scaling": rope if rope["rope_type"] != "default" else None}
+
+
 def family_for(model: ModelConfig) -> str:
     """Qwen3 has qk-norm, Llama has none."""
     return "qwen3" if model.qk_layernorm else "llama"
@@ -224,3 +236,10 @@ def ttt_config_keys(ttt: TTTConfig, num_layers: int) -> dict:
     return dict(ttt_mode=True, ttt_layers=ttt.layer_indices(num_layers), ttt_lr=float(ttt.lr),
                 ttt_chunk=ttt.chunk_size, ttt_proj=ttt.use_proj, ttt_target=ttt.target,
                 ttt_conv_size=ttt.conv_size, ttt_max_update_norm=ttt.max_update_norm)
+
+
+def official_differences(ttt: TTTConfig) -> dict[str, tuple]:
+    """`{key: (ours, the official code's)}` for the keys only ttt-train reads whose value differs from
+    what the official release's code assumes (empty: the official code computes the same model)."""
+    ours = {"ttt_conv_size": ttt.conv_size, "ttt_max_update_norm": ttt.max_update_norm}
+    return {k: (ours[k], v) for k, v in TTT_ONLY_OURS.items() if ours[k] != v}

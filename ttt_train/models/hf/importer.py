@@ -2,17 +2,17 @@
 
 Output root `out/`: `iter_0000000/` + `latest` (loads at any TP/PP layout; its manifest records
 the model, TTT and tokenizer), `model.yaml` (and `ttt.yaml` with TTT) beside it, and `tokenizer/`
-(the folder's tokenizer files; the manifest's tokenizer spec is its absolute path). Collective when
-run on several ranks (torchrun or `run_local_ranks`); a single process otherwise.
+(the folder's tokenizer files; the manifest's tokenizer spec is its absolute path). A non-empty `out`
+is refused (`force` replaces an earlier import, nothing else); the root is written beside it and
+renamed into place. Collective when run on several ranks (torchrun or `run_local_ranks`); a single
+process otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from ttt_train.models.hf.hf_config import (
 )
 from ttt_train.models.hf.hf_files import SafetensorsFolder
 from ttt_train.models.hf.loader import hf_ttt_layers, load_hf_weights
+from ttt_train.models.hf.out_dir import check_out, sibling_tmp, swap_in
 from ttt_train.runtime.distributed import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -57,36 +58,26 @@ def resolve_configs(hf_dir: str | Path, preset: ModelConfig | None = None,
     return model_cfg, ttt
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def copy_tokenizer(hf_dir: Path, out: Path) -> Path | None:
-    """Copy the tokenizer files of `hf_dir` into `out/tokenizer` (atomically); None if it has none."""
+    """Copy the tokenizer files of `hf_dir` into `out/tokenizer`; None if it has none."""
     files = [hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
     if not files:
         return None
-    final = out / "tokenizer"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer."))
+    folder = out / "tokenizer"
+    folder.mkdir()
     for file in files:
-        shutil.copy2(file, tmp / file.name)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final.resolve()
+        shutil.copy2(file, folder / file.name)
+    return folder.resolve()
 
 
 def _write_side_files(hf_dir: Path, out: Path, model_cfg: ModelConfig, ttt: TTTConfig | None) -> Path | None:
+    """Tokenizer, model.yaml and ttt.yaml into the (temporary, not yet visible) root `out`."""
     from omegaconf import OmegaConf
 
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = copy_tokenizer(hf_dir, out)
-    _write_text_atomic(out / "model.yaml", OmegaConf.to_yaml(dataclasses.asdict(model_cfg)))
+    (out / "model.yaml").write_text(OmegaConf.to_yaml(dataclasses.asdict(model_cfg)))
     if ttt is not None:
-        _write_text_atomic(out / "ttt.yaml", OmegaConf.to_yaml(dataclasses.asdict(ttt)))
+        (out / "ttt.yaml").write_text(OmegaConf.to_yaml(dataclasses.asdict(ttt)))
     return tokenizer
 
 
@@ -96,34 +87,80 @@ def _broadcast(value):
     return holder[0]
 
 
+IMPORT_ENTRIES = {"iter_0000000", "latest", "model.yaml", "ttt.yaml", "tokenizer"}
+
+
+def earlier_import(out: Path) -> str | None:
+    """None when `out` holds only what `import_hf` writes (its checkpoint records `imported_from`),
+    else what shows it is something else (e.g. a run's checkpoints)."""
+    from ttt_train.checkpoint import read_checkpoint_info
+
+    others = sorted(p.name for p in out.iterdir() if p.name not in IMPORT_ENTRIES and not p.name.startswith("."))
+    if others:
+        return f"it holds {others[:4]}{' ...' if len(others) > 4 else ''}"
+    try:
+        if "imported_from" in read_checkpoint_info(out / "iter_0000000")["metadata"]:
+            return None
+    except (OSError, ValueError, KeyError):
+        pass
+    return "its iter_0000000 does not record an import"
+
+
+def import_summary(hf_dir: Path, path: Path, model_cfg: ModelConfig, ttt: TTTConfig | None, from_folder: list[int]) -> str:
+    """`imported DIR -> PATH (...)`, saying which layers run In-Place TTT and where their weights came from."""
+    if ttt is None:
+        return f"imported {hf_dir} -> {path} (no In-Place TTT)"
+    layers = ttt.layer_indices(model_cfg.num_layers)
+    fresh = sorted(set(layers) - set(from_folder))
+    parts = [f"target weights from the folder in layers {from_folder}"] if from_folder else []
+    parts += [f"freshly initialised in layers {fresh}"] if fresh else []
+    return f"imported {hf_dir} -> {path} (In-Place TTT in layers {layers}: {'; '.join(parts)})"
+
+
 def import_hf(hf_dir: str | Path, out: str | Path, *, parallel: ParallelConfig | None = None,
               preset: ModelConfig | None = None, ttt: TTTConfig | None = None, verify: bool = True,
-              tolerance: float = 1e-3, progress: bool = True) -> Path:
-    """Convert `hf_dir` into a checkpoint root `out`; return the iter_* folder. Collective."""
-    from ttt_train.checkpoint import build_manifest, save_checkpoint
+              tolerance: float = 1e-3, progress: bool = True, force: bool = False) -> Path:
+    """Convert `hf_dir` into a checkpoint root `out`; return the iter_* folder. Collective.
+
+    `out` must be absent or empty; `force` replaces an earlier import there (never anything else,
+    e.g. a run's checkpoints). The root is written beside `out` and renamed onto it at the end."""
     from ttt_train.data.tokenizer import load_tokenizer
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.runtime.distributed import initialize
+    from ttt_train.checkpoint import build_manifest, save_checkpoint, tokenizer_manifest
 
     hf_dir, out = Path(hf_dir), Path(out)
     parallel = parallel or ParallelConfig()
+    check_out(out, force, "convert import", earlier_import)
     model_cfg, ttt = resolve_configs(hf_dir, preset, ttt)
     initialize(parallel)
     # every parameter is then written from the folder (or is a TTT target, initialised by its own
     # module): skip megatron's random initialisation, the slowest part of building a large model
     config = to_transformer_config(model_cfg, parallel, perform_initialization=False)
     chunks = [build_gpt_model(model_cfg, config, ttt=ttt)]
-    load_hf_weights(hf_dir, chunks, model_cfg, ttt, progress=progress)
-    tokenizer_dir = _broadcast(_write_side_files(hf_dir, out, model_cfg, ttt) if dist.get_rank() == 0 else None)
-    tokenizer = None
-    if tokenizer_dir is not None:
-        tokenizer = load_tokenizer(str(tokenizer_dir))
-    else:
-        log.warning("%s has no tokenizer files; the checkpoint's manifest records none", hf_dir)
-    manifest = build_manifest(model_cfg, ttt, parallel, dtype="fp32", tokenizer=tokenizer)
-    path = save_checkpoint(out, 0, chunks, metadata={"imported_from": str(hf_dir.resolve())}, manifest=manifest)
-    if dist.get_rank() == 0:
-        print(f"imported {hf_dir} -> {path}", flush=True)
+    from_folder = load_hf_weights(hf_dir, chunks, model_cfg, ttt, progress=progress)
+    first = dist.get_rank() == 0
+    tmp = Path(_broadcast(str(sibling_tmp(out)) if first else None))
+    try:
+        tokenizer_dir = _broadcast(_write_side_files(hf_dir, tmp, model_cfg, ttt) if first else None)
+        tokenizer = None
+        if tokenizer_dir is not None:  # recorded where it will be once the folder is renamed into place
+            tokenizer = dict(tokenizer_manifest(load_tokenizer(str(tokenizer_dir))),
+                             spec=str(out.resolve() / "tokenizer"))
+        else:
+            log.warning("%s has no tokenizer files; the checkpoint's manifest records none", hf_dir)
+        manifest = build_manifest(model_cfg, ttt, parallel, dtype="fp32", tokenizer=tokenizer)
+        saved = save_checkpoint(tmp, 0, chunks, metadata={"imported_from": str(hf_dir.resolve())}, manifest=manifest)
+        dist.barrier()
+        if first:
+            swap_in(tmp, out)
+        dist.barrier()
+    finally:
+        if first and tmp.exists():
+            shutil.rmtree(tmp)
+    path = out / saved.name
+    if first:
+        print(import_summary(hf_dir, path, model_cfg, ttt, from_folder), flush=True)
     if verify:
         verify_import(hf_dir, chunks, model_cfg, ttt, tolerance)
     return path

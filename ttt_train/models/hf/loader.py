@@ -79,12 +79,13 @@ def plan_tensors(hf_dir: str | Path, model_cfg: ModelConfig, ttt_cfg: TTTConfig 
 
 @torch.no_grad()
 def load_hf_weights(hf_dir: str | Path, model_chunks, model_cfg: ModelConfig, ttt_cfg: TTTConfig | None,
-                    *, progress: bool = True) -> None:
+                    *, progress: bool = True) -> list[int]:
     """Fill this rank's TP/PP shards of `model_chunks` (wrapped or bare GPTModels) from the HF folder.
 
     Streams: only this rank's tensors are read, one at a time (the three q/k/v or the two gate/up
     tensors of a layer wait for each other), each placed and freed. TTT parameters keep their
-    initialisation unless the folder holds official-release `mlp.ttt_*` tensors for that layer.
+    initialisation unless the folder holds official-release `mlp.ttt_*` tensors for that layer;
+    returns the layers whose TTT tensors came from the folder.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
@@ -127,4 +128,6 @@ def load_hf_weights(hf_dir: str | Path, model_chunks, model_cfg: ModelConfig, tt
         del tensor
         bar.update(1)
     bar.close()
-    log.info("loaded %d tensors from %s (TTT tensors of layers %s)", len(here), hf_dir, loaded)
+    log.info("loaded %d tensors from %s%s", len(here), hf_dir,
+             f" (In-Place TTT target tensors of layers {loaded})" if loaded else "")
+    return loaded

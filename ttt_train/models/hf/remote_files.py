@@ -3,13 +3,14 @@
 ``write_remote_code(out_dir, config)`` copies ``configuration_inplace_ttt.py`` and
 ``modeling_inplace_ttt.py`` (from :mod:`ttt_train.models.hf.remote_code`) into ``out_dir`` (atomically)
 and sets ``auto_map`` and ``architectures`` on ``config`` (an ``InPlaceTTT*Config``), then writes
-``out_dir/config.json``. ``AutoModelForCausalLM.from_pretrained(out_dir,
-trust_remote_code=True)`` then loads ``InPlaceTTTQwen3ForCausalLM`` / ``InPlaceTTTLlamaForCausalLM``;
-without ``trust_remote_code`` transformers refuses the unknown ``model_type``.
+``out_dir/config.json``. ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` then
+loads ``InPlaceTTTQwen3ForCausalLM`` / ``InPlaceTTTLlamaForCausalLM``. The ``model_type`` stays the base
+model's, so ``AutoTokenizer`` / ``AutoConfig`` need no remote code (see ``configuration_inplace_ttt``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,19 +18,19 @@ from pathlib import Path
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
 REMOTE_FILES = ("configuration_inplace_ttt.py", "modeling_inplace_ttt.py")
-CLASSES = {  # model_type -> (config class, causal LM class)
-    "inplace_ttt_qwen3": ("InPlaceTTTQwen3Config", "InPlaceTTTQwen3ForCausalLM"),
-    "inplace_ttt_llama": ("InPlaceTTTLlamaConfig", "InPlaceTTTLlamaForCausalLM"),
+CLASSES = {  # config class -> causal LM class
+    "InPlaceTTTQwen3Config": "InPlaceTTTQwen3ForCausalLM",
+    "InPlaceTTTLlamaConfig": "InPlaceTTTLlamaForCausalLM",
 }
 
 
-def auto_map(model_type: str) -> dict[str, str]:
-    """The ``auto_map`` of ``config.json`` for ``model_type`` (``inplace_ttt_qwen3`` or ``inplace_ttt_llama``)."""
-    if model_type not in CLASSES:
-        raise ValueError(f"model_type {model_type!r} has no In-Place TTT modeling code; expected one of {sorted(CLASSES)}")
-    cfg_cls, lm_cls = CLASSES[model_type]
-    return {"AutoConfig": f"configuration_inplace_ttt.{cfg_cls}",
-            "AutoModelForCausalLM": f"modeling_inplace_ttt.{lm_cls}"}
+def auto_map(config) -> dict[str, str]:
+    """The ``auto_map`` of ``config.json`` for an ``InPlaceTTTQwen3Config`` / ``InPlaceTTTLlamaConfig``."""
+    name = type(config).__name__
+    if name not in CLASSES:
+        raise ValueError(f"{name} has no In-Place TTT modeling code; expected one of {sorted(CLASSES)}")
+    return {"AutoConfig": f"configuration_inplace_ttt.{name}",
+            "AutoModelForCausalLM": f"modeling_inplace_ttt.{CLASSES[name]}"}
 
 
 def _atomic_write(path: Path, fill) -> None:
@@ -44,15 +45,24 @@ def _atomic_write(path: Path, fill) -> None:
         raise
 
 
-def write_remote_code(out_dir, config):
+def write_config_json(out_dir, config, extra: dict | None = None) -> Path:
+    """Write ``out_dir/config.json`` (atomically): ``config``'s keys, then ``extra``'s over them."""
+    values = dict(json.loads(config.to_json_string(use_diff=True)), **(extra or {}))
+    text = json.dumps(values, indent=2, sort_keys=True) + "\n"
+    path = Path(out_dir) / "config.json"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def write_remote_code(out_dir, config, extra: dict | None = None):
     """Copy the modeling files into ``out_dir``, set ``auto_map`` and ``architectures`` on ``config``
-    (an ``InPlaceTTTQwen3Config`` / ``InPlaceTTTLlamaConfig``), write ``config.json``; return ``config``."""
-    amap = auto_map(getattr(config, "model_type", None))
+    (an ``InPlaceTTTQwen3Config`` / ``InPlaceTTTLlamaConfig``), write ``config.json`` (``extra``: keys
+    written over the config's own); return ``config``."""
+    amap = auto_map(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in REMOTE_FILES:
         _atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(REMOTE_CODE_DIR / name, tmp))
-    config.auto_map, config.architectures = amap, [CLASSES[config.model_type][1]]
-    text = config.to_json_string(use_diff=True)
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    config.auto_map, config.architectures = amap, [CLASSES[type(config).__name__]]
+    write_config_json(out, config, extra)
     return config

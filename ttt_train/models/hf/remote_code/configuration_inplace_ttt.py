@@ -2,17 +2,25 @@
 
 ``InPlaceTTTQwen3Config`` / ``InPlaceTTTLlamaConfig`` are the base configs plus the In-Place TTT keys
 (the official release's ``ttt_mode``, ``ttt_layers``, ``ttt_lr``, ``ttt_chunk``, ``ttt_proj``,
-``ttt_target``, plus ``ttt_conv_size`` and ``ttt_max_update_norm``, the per-chunk clip tau). Their own
-``model_type`` makes a plain ``AutoModelForCausalLM`` refuse the directory unless
-``trust_remote_code=True`` loads this code.
+``ttt_target``, plus ``ttt_conv_size`` and ``ttt_max_update_norm``, the per-chunk clip tau, which only
+ttt-train's code reads). Their ``model_type`` is the base model's (``qwen3`` / ``llama``, as the official
+release writes it), so that a tokenizer or a plain config loads from an exported folder without remote
+code; ``trust_remote_code=True`` loads these classes through ``auto_map`` (without it, transformers
+builds the plain base model and reports the ``mlp.ttt_*`` tensors as unused).
+Runs on transformers 4.57 and 5.x.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, Qwen3Config
+
+try:  # validates the keys whenever a config is built (transformers 5 configs are strict dataclasses)
+    from huggingface_hub.dataclasses import strict
+except ImportError:  # an older huggingface_hub: the model's __init__ still validates
+    def strict(cls):
+        return cls
 
 TTT_TARGETS = ("hidden_states", "input_embed")
 
@@ -76,14 +84,14 @@ class InPlaceTTTKeys:
 class InPlaceTTTQwen3Config(Qwen3Config, InPlaceTTTKeys):
     """Qwen3 with In-Place TTT MLPs in ``ttt_layers`` (keys as in the module docstring)."""
 
-    model_type = "inplace_ttt_qwen3"
+    model_type = "qwen3"
 
 
 @strict
 class InPlaceTTTLlamaConfig(LlamaConfig, InPlaceTTTKeys):
     """Llama with In-Place TTT MLPs in ``ttt_layers`` (keys as in the module docstring)."""
 
-    model_type = "inplace_ttt_llama"
+    model_type = "llama"
 
 
 InPlaceTTTQwen3Config.register_for_auto_class()

@@ -21,16 +21,37 @@ tokens inside a chunk use the frozen ``S``, and a chunk's update is added when i
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM, LlamaModel, Qwen3ForCausalLM, Qwen3Model
-from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
 
 from .configuration_inplace_ttt import InPlaceTTTLlamaConfig, InPlaceTTTQwen3Config, ttt_layer_indices
+
+try:  # transformers 5: initialisers that leave tensors loaded from a checkpoint alone
+    from transformers import initialization as _hf_init
+except ImportError:  # transformers 4: `_init_weights` only ever sees modules whose weights were not loaded
+    _hf_init = None
+
+# The name under which the decoder's forward takes the cache: ``cache`` (transformers 5) or
+# ``past_key_values`` (4.x); ``generate()`` keeps it in its model kwargs under the same name.
+CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
+
+
+def _zeros_(tensor: torch.Tensor) -> torch.Tensor:
+    if _hf_init is not None:
+        return _hf_init.zeros_(tensor)
+    return nn.init.zeros_(tensor)
+
+
+def _copy_(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if _hf_init is not None:
+        return _hf_init.copy_(tensor, value)
+    with torch.no_grad():
+        return tensor.copy_(value)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,7 +154,7 @@ class TTTConv(nn.Conv1d):
         super().__init__(d, d, k, groups=d, bias=False)
 
     def init_ttt(self, std: float) -> None:
-        init.zeros_(self.weight)
+        _zeros_(self.weight)
 
 
 class TTTProj(nn.Linear):
@@ -145,7 +166,7 @@ class TTTProj(nn.Linear):
 
     def init_ttt(self, std: float) -> None:
         w = self.weight
-        init.copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device, dtype=w.dtype) * std))
+        _copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device, dtype=w.dtype) * std))
 
 
 class InPlaceTTTMLP(nn.Module):
@@ -275,13 +296,15 @@ class _InPlaceTTTModel:
         if isinstance(module, (TTTConv, TTTProj)):
             module.init_ttt(self.config.initializer_range)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    @merge_with_config_defaults
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, cache=None, **kwargs):
+        """The base model's forward; the cache may be passed as ``cache`` or ``past_key_values`` (either
+        transformers major version's name)."""
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
         if len(self.ttt_mlps) == 0 or (input_ids is None) == (inputs_embeds is None):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -294,8 +317,8 @@ class _InPlaceTTTModel:
         for mlp in mlps:
             mlp.step = step
         try:
-            out = super().forward(attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            out = super().forward(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                  use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
         finally:
             for mlp in mlps:
                 mlp.step = None
@@ -318,10 +341,12 @@ class _InPlaceTTTForCausalLM:
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
-        if self.model.ttt_mlps and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["cache"] = InPlaceTTTCache(config=self.config.get_text_config(decoder=True))
+        given = model_kwargs.get(CACHE_ARG)
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get(CACHE_ARG)
+        if self.model.ttt_mlps and given is None and type(cache) is DynamicCache:  # made by generate(): ours instead
+            model_kwargs[CACHE_ARG] = InPlaceTTTCache(config=self.config.get_text_config(decoder=True))
+        return out
 
 
 class InPlaceTTTQwen3Model(_InPlaceTTTModel, Qwen3Model):
