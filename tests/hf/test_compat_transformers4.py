@@ -43,11 +43,11 @@ PROMPTS = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generato
 def _export_cases(root: str, cases: dict) -> dict:
     """Rank function: import each case (with TTT moved off its initialisation), export it (verified under
     this transformers), return the megatron model's float32 logits of PROMPTS per case."""
+    from ttt_train.checkpoint import read_checkpoint_info, save_checkpoint
     from ttt_train.layers.ttt_config import TTTConfig
     from ttt_train.models.hf import export_checkpoint, import_hf
     from ttt_train.models.hf.exporter import build_export_model
     from ttt_train.models.hf.verify import megatron_logits
-    from ttt_train.checkpoint import read_checkpoint_info, save_checkpoint
 
     logits = {}
     for name, (_, ttt) in cases.items():

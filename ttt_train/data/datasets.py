@@ -25,8 +25,8 @@ import torch
 
 from ttt_train.config_keys import checked_mapping
 from ttt_train.data import indexed
-from ttt_train.data.errors import DataError
 from ttt_train.data.documents import document_ids_from_tokens
+from ttt_train.data.errors import DataError
 from ttt_train.data.tokenizer import Tokenizer, check_model_vocab, load_tokenizer
 
 with warnings.catch_warnings():  # importing megatron.core warns that TE/Apex are absent: expected here

@@ -124,10 +124,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, parallel: ParallelConfig |
 
     `out` must be absent or empty; `force` replaces an earlier import there (never anything else,
     e.g. a run's checkpoints). The root is written beside `out` and renamed onto it at the end."""
+    from ttt_train.checkpoint import build_manifest, save_checkpoint, tokenizer_manifest
     from ttt_train.data.tokenizer import load_tokenizer
     from ttt_train.models import build_gpt_model, to_transformer_config
     from ttt_train.runtime.distributed import initialize
-    from ttt_train.checkpoint import build_manifest, save_checkpoint, tokenizer_manifest
 
     hf_dir, out = Path(hf_dir), Path(out)
     parallel = parallel or ParallelConfig()
