@@ -36,7 +36,7 @@ $(COMPAT_STAMP): $(COMPAT_REQS)
 	@test -x $(COMPAT_PY) || $(PYTHON_BASE) -m venv $(COMPAT_VENV) || python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --quiet --upgrade pip
 	$(COMPAT_PY) -m pip install --quiet "torch==2.13.0"
-	$(COMPAT_PY) -m pip install --quiet -r $(COMPAT_REQS)
+	$(COMPAT_PY) -m pip install --quiet --retries 1 -r $(COMPAT_REQS) || { echo "test-compat: cannot install $(COMPAT_REQS) (transformers 4.57 needs huggingface-hub < 1.0 from PyPI)"; exit 1; }
 	@touch $(COMPAT_STAMP)
 
 # The HF modeling code's tests under transformers 4.57 (no megatron in that venv), then exports made
