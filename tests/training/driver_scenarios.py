@@ -61,6 +61,19 @@ def run_driver_captured(overrides: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def run_driver_printed(overrides: list[str]) -> tuple[int, str]:
+    """(exit code, what the driver printed to stdout)."""
+    import contextlib
+    import io
+
+    from ttt_train import train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = train.main(overrides)
+    return code, out.getvalue()
+
+
 def setup_raises(overrides: list[str], kind: str) -> tuple[int, str]:
     """(exit code, stderr) of a run whose dataset set-up raises: kind "data" an expected DataError (bad
     data), "bug" an unexpected TypeError (propagates)."""

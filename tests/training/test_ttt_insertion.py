@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     for name, extra in (("plain", ["ttt=none"]), ("dropin", ["ttt.target_init=dropin"]),
                         ("next_token", ["ttt.target_init=next_token"])):
         run_dir = root / f"continued_{name}"
-        results = run_local_ranks(sc.run_driver_captured, 1, one_stage(run_dir, data, 1, start, *extra), timeout=400)
+        results = run_local_ranks(sc.run_driver_printed, 1, one_stage(run_dir, data, 1, start, *extra), timeout=400)
         assert [code for code, _ in results] == [0], results
         out[name] = (first_loss(run_dir), results[0][1])
     return out
@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
 def test_drop_in_insertion_keeps_the_plain_models_outputs(runs):
     plain, dropin, next_token = (runs[k][0] for k in ("plain", "dropin", "next_token"))
     assert dropin == pytest.approx(plain, rel=1e-6, abs=0)
-    assert abs(next_token - plain) > 1e-3 * plain  # the from-scratch target writes from step 0
+    assert abs(next_token - plain) > 1e-5 * plain  # 10x the tolerance: the from-scratch target writes from step 0
 
 
 @pytest.mark.slow

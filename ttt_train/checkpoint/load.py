@@ -53,8 +53,12 @@ def _short(names: list[str], limit: int = 12) -> str:
     return ", ".join(folded[:limit]) + (f" and {len(folded) - limit} more" if len(folded) > limit else "")
 
 
+TTT_ONLY = ".mlp.ttt_target."
+"""What names the tensors only an In-Place TTT layer has (its LM-aligned target: conv and projection)."""
+
+
 def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None, *, strict: bool = True,
-                    expect_manifest: dict | None = None) -> dict:
+                    expect_manifest: dict | None = None, new_ttt: bool = False) -> dict:
     """Load a checkpoint (an iter_* folder or a root with `latest`) into `model_chunks` (and `optimizer`).
 
     Collective. Works across TP/PP/DP layouts. Returns `read_checkpoint_info(path)`. The files are
@@ -63,6 +67,9 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None, *, st
     checkpoint lacks and tensors of another global shape. strict=False loads the tensors both have
     (e.g. a plain checkpoint into a TTT model: the TTT tensors keep their initialisation); shapes
     and the optimizer's tensors must still match. `expect_manifest`: see `manifest_differences`.
+    new_ttt: In-Place TTT inserted into a checkpoint without it: the model's TTT target tensors are
+    the only ones the checkpoint may lack (they keep their initialisation); anything else missing
+    is refused as with `strict`.
     """
     path = resolve(path)
     problems = integrity.verify(path)
@@ -86,7 +93,15 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None, *, st
     if misshaped:
         raise ValueError(f"checkpoint {path} does not fit the model: tensors of another shape: "
                          f"{_short(misshaped)}")
-    if strict and (missing or unexpected):
+    if new_ttt:
+        unexpected_other = [k for k in unexpected if TTT_ONLY not in k and not k.endswith("._extra_state")]
+        if missing or unexpected_other:
+            parts = [f"checkpoint tensors the model lacks: {_short(missing)}"] if missing else []
+            parts += [f"model tensors other than TTT's the checkpoint lacks: {_short(unexpected_other)}"] \
+                if unexpected_other else []
+            raise ValueError(f"checkpoint {path}: In-Place TTT cannot be inserted ({'; '.join(parts)}); compare "
+                             f"the model configuration with the checkpoint's manifest")
+    elif strict and (missing or unexpected):
         parts = []
         if missing:
             parts.append(f"checkpoint tensors the model lacks: {_short(missing)}")
@@ -106,11 +121,11 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None, *, st
                              f"tensors absent: {_short(opt_unexpected) or 'none'}; other shape: "
                              f"{_short(opt_misshaped) or 'none'}); load weights only (optimizer=None) to start "
                              f"a fresh optimizer")
-    if (missing or unexpected) and ranks.rank() == 0:
+    if (missing or unexpected) and not new_ttt and ranks.rank() == 0:
         warnings.warn(f"checkpoint {path}: not loaded: {_short(missing)}; left as initialised: {_short(unexpected)}",
                       stacklevel=2)
     loaded = sharded.load(state, path, allow_unexpected=bool(unexpected))
-    sharded.load_into_models(model_chunks, loaded, strict)
+    sharded.load_into_models(model_chunks, loaded, strict and not new_ttt)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return info

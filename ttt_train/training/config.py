@@ -206,9 +206,11 @@ class ValidationConfig:
 @dataclass
 class InitConfig:
     """Where stage 0's weights come from: random init (both null), a ttt-train checkpoint folder
-    (`checkpoint`), or a HuggingFace directory (`hf`). `strict`: refuse a checkpoint that lacks some
-    of the model's tensors (false: e.g. a model without TTT seeds a TTT model, whose new tensors keep
-    their initialisation)."""
+    (`checkpoint`), or a HuggingFace directory (`hf`). A checkpoint without TTT seeds a TTT experiment
+    as the paper's drop-in: its TTT target tensors are the only ones allowed missing (initialised by
+    `ttt.target_init`; `dropin` keeps the outputs unchanged at step 0). `strict`: refuse a checkpoint
+    whose tensors differ from the model's otherwise (false: load the tensors both have, leave the rest
+    as initialised)."""
 
     checkpoint: str | None = None
     hf: str | None = None

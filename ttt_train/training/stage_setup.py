@@ -109,7 +109,7 @@ def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Pat
     `carry_optimizer`, with this stage's own learning rates), refused if of another tokenizer.
     Otherwise stage 0's `init` (held against the experiment beforehand: `check_init`).
     """
-    from ttt_train.checkpoint import load_checkpoint, load_rank_state
+    from ttt_train.checkpoint import load_checkpoint, load_rank_state, read_checkpoint_info
     from ttt_train.training.schedule import keep_fresh_hyperparameters
 
     if resume is not None:
@@ -127,7 +127,14 @@ def load_start(stage: Stage, built: Built, *, resume: Path | None, previous: Pat
         load_checkpoint(previous, built.chunks, expect_manifest=same_tokens)
         return {}
     if init.checkpoint:
-        load_checkpoint(init.checkpoint, built.chunks, strict=init.strict)
+        new_ttt = stage.ttt.enabled and init.strict and (read_checkpoint_info(init.checkpoint)["manifest"] or {}).get("ttt") is None
+        load_checkpoint(init.checkpoint, built.chunks, strict=init.strict, new_ttt=new_ttt)
+        if new_ttt and torch.distributed.get_rank() == 0:
+            unchanged = ("the outputs are unchanged at step 0" if stage.ttt.target_init == "dropin" else
+                         "the outputs change from step 0 (dropin keeps them)")
+            print(f"In-Place TTT inserted into layers {stage.ttt.layer_indices(stage.model.num_layers)} of a checkpoint "
+                  f"without it (their target tensors initialised; ttt.target_init={stage.ttt.target_init}: "
+                  f"{unchanged})", flush=True)
     elif init.hf:
         from ttt_train.models.hf import load_hf_weights
 
